@@ -1,0 +1,1 @@
+"""The two services: the training worker and the inference API."""

@@ -1,0 +1,1 @@
+"""Training worker: ingest -> features -> train -> register -> gate."""

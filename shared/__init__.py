@@ -1,0 +1,1 @@
+"""Code both services need: the contract between training and serving."""

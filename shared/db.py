@@ -1,0 +1,37 @@
+"""Async engine and session factory for the metadata database (MySQL in the stack, SQLite embedded)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from shared.settings import DatabaseSettings
+from shared.tables import Base
+
+
+class DatabaseError(RuntimeError):
+    """The metadata database could not be reached or refused a write."""
+
+
+def create_engine(settings: DatabaseSettings) -> AsyncEngine:
+    url = make_url(settings.url.get_secret_value())
+    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        return create_async_engine(url, echo=settings.echo)
+    return create_async_engine(url, echo=settings.echo, pool_pre_ping=True, pool_recycle=1800)
+
+
+@asynccontextmanager
+async def open_database(settings: DatabaseSettings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """An engine with the tables created, as a session factory; disposed on exit."""
+    engine = create_engine(settings)
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+        yield async_sessionmaker(engine, expire_on_commit=False)
+    finally:
+        await engine.dispose()

@@ -1,0 +1,134 @@
+"""Real servers for the whole run: MariaDB (already running, or started), moto's S3 server, and helpers
+that give every test its own database and bucket so tests never see each other's rows or objects."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pymysql
+import pytest
+
+from services.trainer.settings import TrainerSettings
+from shared.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
+from tests.servers import VENV_BIN, free_port, running, wait_until
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("DANDELION_DATA_DIR", REPO.parent / "shared" / "data" / "dandelion-grass")).resolve()
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", REPO / "var" / "test-artifacts"))
+MYSQL_HOST, MYSQL_PORT = "127.0.0.1", int(os.environ.get("TEST_MYSQL_PORT", "3306"))
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+# No test may read the developer's own .env or embedded defaults by accident.
+os.environ.update(AWS_ENV)
+for leaked in ("DATABASE_URL", "OBJECT_STORE_URL", "S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
+    os.environ.pop(leaked, None)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+
+
+def _mysql_answers() -> bool:
+    pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user="root", password="", connect_timeout=2).close()
+    return True
+
+
+@pytest.fixture(scope="session")
+def mariadb() -> str:
+    """MariaDB on 127.0.0.1:3306 as root; started here if it is installed but down. Never skipped."""
+    try:
+        _mysql_answers()
+    except pymysql.MySQLError:
+        daemon = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
+        subprocess.run(
+            ["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", daemon], check=True
+        )
+        wait_until(_mysql_answers, None, 60, None, "MariaDB")
+    return f"{MYSQL_HOST}:{MYSQL_PORT}"
+
+
+class Databases:
+    """Creates uniquely named databases and drops them at the end of the run."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def _execute(self, sql: str) -> None:
+        conn = pymysql.connect(host=MYSQL_HOST, port=MYSQL_PORT, user="root", password="", autocommit=True)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute(sql)
+        finally:
+            conn.close()
+
+    def create(self, prefix: str = "dg_test") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        self._execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4")
+        self.names.append(name)
+        return name
+
+    def drop_all(self) -> None:
+        for name in self.names:
+            self._execute(f"DROP DATABASE IF EXISTS `{name}`")
+
+
+@pytest.fixture(scope="session")
+def databases(mariadb: str) -> Iterator[Databases]:
+    dbs = Databases()
+    yield dbs
+    dbs.drop_all()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server (moto_server) on a free port."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with running(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        ready=lambda: __import__("httpx").get(f"{url}/moto-api/", timeout=2).status_code < 500,
+        log=ARTIFACTS / "moto.log",
+        env=AWS_ENV,
+        what="moto_server",
+    ):
+        yield url
+
+
+@pytest.fixture
+def mysql_url(databases: Databases) -> str:
+    """A fresh, empty MariaDB database for this test."""
+    return f"mysql+asyncmy://root@{MYSQL_HOST}:{MYSQL_PORT}/{databases.create()}"
+
+
+@pytest.fixture
+def s3_store(s3_endpoint: str) -> ObjectStoreSettings:
+    """A fresh bucket on the S3 server for this test."""
+    return ObjectStoreSettings(
+        url=f"s3://bucket-{uuid.uuid4().hex[:12]}/data",
+        endpoint_url=s3_endpoint,
+        access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+        secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+    )
+
+
+@pytest.fixture
+def stack_settings(mysql_url: str, s3_store: ObjectStoreSettings, tmp_path: Path) -> TrainerSettings:
+    """Trainer settings on the real stack: MariaDB + S3, the shared photos as the source."""
+    return TrainerSettings(
+        store=s3_store,
+        database=DatabaseSettings(url=mysql_url),
+        registry=RegistrySettings(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"),
+        data_source=str(DATA_DIR),
+    )
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "dandelion").is_dir() or not (DATA_DIR / "grass").is_dir():
+        raise RuntimeError(f"the labelled photos are not at {DATA_DIR}; set DANDELION_DATA_DIR")
+    return DATA_DIR

@@ -1,0 +1,89 @@
+"""Start real servers for the tests: a process on a free port, polled until it answers, failing fast if it dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerDied(RuntimeError):
+    pass
+
+
+def wait_until(
+    ready: Callable[[], bool], process: subprocess.Popen | None, timeout: float, log: Path | None, what: str
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            raise ServerDied(f"{what} exited with {process.returncode} before it was ready:\n{tail}")
+        try:
+            if ready():
+                return
+        except (httpx.HTTPError, OSError):
+            pass
+        time.sleep(0.2)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+    raise TimeoutError(f"{what} was not ready after {timeout:.0f} s:\n{tail}")
+
+
+def http_ok(url: str, status: int = 200) -> Callable[[], bool]:
+    return lambda: httpx.get(url, timeout=2).status_code == status
+
+
+@contextmanager
+def running(
+    argv: Sequence[str],
+    *,
+    ready: Callable[[], bool],
+    log: Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    cwd: str | os.PathLike[str] | None = None,
+    what: str = "server",
+    stop_signal: int = signal.SIGTERM,
+) -> Iterator[subprocess.Popen]:
+    """Run ``argv`` until the block ends; its output goes to ``log`` (shown when it fails to start)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            list(argv), stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, cwd=cwd,
+            start_new_session=True,
+        )
+    try:
+        wait_until(ready, process, timeout, log, what)
+        yield process
+    finally:
+        stop(process, stop_signal)
+
+
+def stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(5)

@@ -1,0 +1,166 @@
+"""Ingest into real MariaDB + S3 (moto_server): from the shared folder, over HTTP, idempotent, and failing clearly."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from services.trainer.cli import main
+from services.trainer.ingest import SourceError, ingest
+from services.trainer.settings import TrainerSettings
+from shared.db import open_database
+from shared.storage import open_store
+from shared.tables import ImageRow
+from tests.servers import free_port
+
+CORRUPT_INDEX = ("dandelion", "00000002.jpg")  # an index the mirror does not have
+
+
+async def table_and_bucket(settings: TrainerSettings) -> tuple[list[ImageRow], list[str]]:
+    async with open_database(settings.database) as sessions, sessions() as session:
+        rows = list((await session.scalars(select(ImageRow))).all())
+    async with open_store(settings.store) as store:
+        keys = await store.list("raw/")
+    return rows, keys
+
+
+def test_folder_ingest_twice(stack_settings: TrainerSettings, data_dir: Path) -> None:
+    first = asyncio.run(ingest(stack_settings, str(data_dir), progress=False))
+    assert (first.new, first.duplicate, first.failed, sum(first.rejected.values())) == (320, 0, 0, 0)
+    assert first.new_by_label == {"dandelion": 160, "grass": 160}
+
+    rows, keys = asyncio.run(table_and_bucket(stack_settings))
+    assert len(rows) == 320 and len(keys) == 320
+    assert {r.object_key for r in rows} == set(keys)
+    for row in rows:
+        assert row.object_key == f"raw/{row.label}/{row.sha256}.jpg"
+        assert row.width > 0 and row.height > 0 and row.byte_size > 0
+        assert Path(row.source).parent.name == row.label
+
+    second = asyncio.run(ingest(stack_settings, str(data_dir), progress=False))
+    assert (second.new, second.duplicate) == (0, 320)
+    assert "0 new, 320 duplicate" in second.summary()
+    rows, keys = asyncio.run(table_and_bucket(stack_settings))
+    assert len(rows) == 320 and len(keys) == 320
+
+
+def test_object_bytes_are_the_source_bytes(stack_settings: TrainerSettings, data_dir: Path) -> None:
+    asyncio.run(ingest(stack_settings, str(data_dir), per_class=3, progress=False))
+    rows, _ = asyncio.run(table_and_bucket(stack_settings))
+
+    async def fetch(key: str) -> bytes:
+        async with open_store(stack_settings.store) as store:
+            return await store.get(key)
+
+    for row in rows:
+        assert asyncio.run(fetch(row.object_key)) == Path(row.source).read_bytes()
+
+
+class MirrorHandler(http.server.BaseHTTPRequestHandler):
+    """Serves the shared folder as ``/data/{label}/{i:08d}.jpg``; one corrupt file, one flaky file."""
+
+    root: Path
+    flaky: dict[str, int]
+
+    def do_GET(self) -> None:
+        parts = self.path.strip("/").split("/")
+        if len(parts) != 3 or parts[0] != "data":
+            self.send_error(404)
+            return
+        label, name = parts[1], parts[2]
+        if (label, name) == CORRUPT_INDEX:
+            body = b"\xff\xd8\xff\xe0 this is not really a jpeg"
+        elif self.flaky.get(name, 0) > 0:
+            self.flaky[name] -= 1
+            self.send_error(503)
+            return
+        else:
+            path = self.root / label / name
+            if not path.is_file():
+                self.send_error(404)
+                return
+            body = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_HEAD(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def mirror(data_dir: Path) -> Iterator[str]:
+    handler = functools.partial(MirrorHandler)
+    MirrorHandler.root = data_dir
+    MirrorHandler.flaky = {"00000001.jpg": 2}  # fails twice, then serves: retries must get it
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/data"
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_ingest_with_missing_indices_a_corrupt_file_and_retries(
+    stack_settings: TrainerSettings, mirror: str, data_dir: Path
+) -> None:
+    report = asyncio.run(ingest(stack_settings, mirror, per_class=200, progress=False))
+    on_disk = sum(1 for _ in data_dir.glob("*/*.jpg"))
+    assert report.new == on_disk == 320
+    assert report.rejected == {"not_an_image": 1}
+    assert report.missing == 400 - 320 - 1
+    assert report.failed == 0
+    rows, keys = asyncio.run(table_and_bucket(stack_settings))
+    assert len(rows) == len(keys) == 320
+    assert all(r.source.startswith(mirror) for r in rows)
+
+    again = asyncio.run(ingest(stack_settings, mirror, per_class=200, progress=False))
+    assert (again.new, again.duplicate) == (0, 320)
+
+
+def test_unreachable_source_fails_with_one_line(stack_settings: TrainerSettings, capsys) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/data"
+    with pytest.raises(SourceError, match="unreachable"):
+        asyncio.run(ingest(stack_settings, dead, per_class=5, progress=False))
+
+
+def test_cli_exit_codes(stack_settings: TrainerSettings, monkeypatch, capsys, tmp_path: Path, data_dir: Path) -> None:
+    monkeypatch.setenv("DATABASE_URL", stack_settings.database.url.get_secret_value())
+    monkeypatch.setenv("OBJECT_STORE_URL", stack_settings.store.url)
+    monkeypatch.setenv("S3_ENDPOINT_URL", stack_settings.store.endpoint_url or "")
+
+    assert main(["ingest", "--quiet", "--source", f"http://127.0.0.1:{free_port()}/x", "--per-class", "3"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: source") and "unreachable" in err[0]
+
+    (tmp_path / "empty" / "grass").mkdir(parents=True)
+    assert main(["ingest", "--quiet", "--source", str(tmp_path / "empty")]) == 1
+    assert "has no images" in capsys.readouterr().err
+
+    assert main(["ingest", "--quiet", "--source", str(data_dir), "--per-class", "2"]) == 0
+    assert "4 new" in capsys.readouterr().out
+
+
+def test_rows_only_for_objects(stack_settings: TrainerSettings, data_dir: Path) -> None:
+    asyncio.run(ingest(stack_settings, str(data_dir), per_class=10, progress=False))
+
+    async def counts() -> tuple[int, int]:
+        async with open_database(stack_settings.database) as sessions, sessions() as session:
+            n_rows = await session.scalar(select(func.count()).select_from(ImageRow))
+        async with open_store(stack_settings.store) as store:
+            return n_rows, len(await store.list("raw/"))
+
+    assert asyncio.run(counts()) == (20, 20)
