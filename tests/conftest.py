@@ -132,3 +132,45 @@ def data_dir() -> Path:
     if not (DATA_DIR / "dandelion").is_dir() or not (DATA_DIR / "grass").is_dir():
         raise RuntimeError(f"the labelled photos are not at {DATA_DIR}; set DANDELION_DATA_DIR")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(databases: Databases, s3_endpoint: str) -> Iterator[str]:
+    """A real ``mlflow server``: MariaDB backend store, artifacts in a bucket of the S3 server."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint, **_boto_credentials()).create_bucket(Bucket="mlflow")
+    backend = f"mysql+pymysql://root@{MYSQL_HOST}:{MYSQL_PORT}/{databases.create('dg_mlflow')}"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with running(
+        [
+            str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", backend, "--default-artifact-root", "s3://mlflow/artifacts",
+        ],
+        ready=lambda: __import__("httpx").get(f"{url}/health", timeout=2).status_code == 200,
+        log=ARTIFACTS / "mlflow-server.log",
+        env={**AWS_ENV, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        timeout=180,
+        what="mlflow server",
+    ):
+        yield url
+
+
+def _boto_credentials() -> dict[str, str]:
+    return {
+        "aws_access_key_id": AWS_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": AWS_ENV["AWS_DEFAULT_REGION"],
+    }
+
+
+@pytest.fixture
+def registry_settings(mlflow_server: str, s3_endpoint: str) -> RegistrySettings:
+    """The real tracking server, with a model name of this test's own."""
+    return RegistrySettings(
+        tracking_uri=mlflow_server,
+        s3_endpoint_url=s3_endpoint,
+        experiment=f"exp-{uuid.uuid4().hex[:8]}",
+        model_name=f"dandelion-grass-{uuid.uuid4().hex[:8]}",
+    )

@@ -1,0 +1,96 @@
+"""Test-split metrics and the pictures people look at: confusion matrix, learning curves, misclassified images."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.metrics import (  # noqa: E402
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from shared.labels import LABELS  # noqa: E402
+
+
+def metrics(y_true: np.ndarray, probabilities: np.ndarray, prefix: str = "test_") -> dict[str, float]:
+    """Accuracy, macro precision/recall/F1, ROC AUC (grass as positive), log loss and the confusion cells."""
+    y_pred = probabilities.argmax(axis=1)
+    labels = list(range(len(LABELS)))
+    values = {
+        "accuracy": accuracy_score(y_true, y_pred),
+        "precision": precision_score(y_true, y_pred, average="macro", zero_division=0),
+        "recall": recall_score(y_true, y_pred, average="macro", zero_division=0),
+        "f1": f1_score(y_true, y_pred, average="macro", zero_division=0),
+        "roc_auc": roc_auc_score(y_true, probabilities[:, 1]) if len(set(y_true.tolist())) > 1 else float("nan"),
+        "log_loss": log_loss(y_true, np.clip(probabilities, 1e-7, 1 - 1e-7), labels=labels),
+    }
+    matrix = confusion_matrix(y_true, y_pred, labels=labels)
+    for i, actual in enumerate(LABELS):
+        for j, predicted in enumerate(LABELS):
+            values[f"cm_{actual}_as_{predicted}"] = int(matrix[i, j])
+    return {f"{prefix}{k}": float(v) for k, v in values.items()}
+
+
+def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path) -> None:
+    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(LABELS))))
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    ax.imshow(matrix, cmap="Greens")
+    ax.set_xticks(range(len(LABELS)), LABELS)
+    ax.set_yticks(range(len(LABELS)), LABELS)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    for (i, j), n in np.ndenumerate(matrix):
+        ax.text(j, i, str(n), ha="center", va="center", fontsize=14, color="black" if n < matrix.max() / 2 else "white")
+    ax.set_title("test split")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_history(history: dict[str, Sequence[float]], path: Path) -> None:
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
+    for key, ax in (("loss", loss_ax), ("accuracy", acc_ax)):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            if f"{prefix}{key}" in history:
+                ax.plot(history[f"{prefix}{key}"], style, label=f"{prefix or 'train_'}{key}".rstrip("_"))
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def misclassified_grid(
+    images: Sequence[bytes], y_true: np.ndarray, probabilities: np.ndarray, path: Path, limit: int = 24
+) -> int:
+    """A grid of the wrongly classified test images with their true and predicted labels; returns how many."""
+    wrong = np.flatnonzero(probabilities.argmax(axis=1) != y_true)[:limit]
+    cols = 6
+    rows = max(1, int(np.ceil(len(wrong) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2, rows * 2.3), dpi=90, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, wrong, strict=False):
+        ax.imshow(Image.open(io.BytesIO(images[i])).convert("RGB"))
+        p = probabilities[i]
+        ax.set_title(f"{LABELS[y_true[i]]} → {LABELS[p.argmax()]}\n{p.max():.2f}", fontsize=8)
+    if not len(wrong):
+        axes[0, 0].text(0, 0.5, "no misclassified test image", fontsize=12)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return len(wrong)

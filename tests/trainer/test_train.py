@@ -1,0 +1,117 @@
+"""Training against a real MLflow server (MariaDB backend store, S3 artifacts) and the quality gate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import boto3
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from mlflow.pyfunc import scoring_server
+
+from services.trainer.features import build_features
+from services.trainer.ingest import ingest
+from services.trainer.registry import Champion, decide
+from services.trainer.settings import TrainerSettings
+from services.trainer.train import train_and_register
+from shared.images import preprocess
+from shared.labels import LABELS
+from shared.settings import RegistrySettings
+from tests.crafted import crafted_jpeg, write_crafted_folder
+
+FAST = {"epochs": 10, "image_size": 64, "batch_size": 8, "patience": 10, "learning_rate": 3e-3, "promotion_floor": 0.75}
+
+
+@pytest.fixture
+def crafted_settings(stack_settings: TrainerSettings, registry_settings: RegistrySettings, tmp_path: Path) -> TrainerSettings:
+    folder = write_crafted_folder(tmp_path / "crafted", per_class=40)
+    settings = stack_settings.model_copy(update={"registry": registry_settings, "data_source": str(folder), **FAST})
+    asyncio.run(ingest(settings, progress=False))
+    asyncio.run(build_features(settings, progress=False))
+    return settings
+
+
+@pytest.mark.slow
+def test_train_register_gate_and_serve_contract(crafted_settings: TrainerSettings, s3_endpoint: str) -> None:
+    settings = crafted_settings
+    registry = settings.registry
+    first = train_and_register(settings, progress=False)
+    assert first.decision.promote, first.decision.reason
+    assert first.version == "1"
+    assert first.metrics["test_accuracy"] >= 0.75
+
+    client = MlflowClient(registry.tracking_uri)
+    assert client.get_model_version_by_alias(registry.model_name, "champion").version == "1"
+
+    run = client.get_run(first.run_id)
+    assert run.data.params["feature_set_version"] == "1"
+    assert run.data.params["labels"] == "dandelion,grass"
+    for key in ("test_accuracy", "test_precision", "test_recall", "test_f1", "test_roc_auc", "cm_dandelion_as_grass"):
+        assert any(k.endswith(key) for k in run.data.metrics), key
+    assert len(client.get_metric_history(first.run_id, "val_loss")) == first.epochs
+    artifacts = {a.path for a in client.list_artifacts(first.run_id, "report")}
+    assert {
+        "report/confusion_matrix.png",
+        "report/learning_curves.png",
+        "report/misclassified_test_images.png",
+        "report/labels.json",
+    } <= artifacts
+    assert run.data.tags["gate.promoted"] == "true"
+
+    # The model files are in the S3 artifact store.
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow").get("Contents", [])]
+    assert any(k.endswith("MLmodel") for k in keys) and any(k.endswith(".keras") for k in keys), keys[:20]
+
+    # Label order end to end, through the registered model as any MLflow client loads it.
+    uri = f"models:/{registry.model_name}@champion"
+    pyfunc = mlflow.pyfunc.load_model(uri)
+    assert pyfunc.metadata.metadata["labels"] == list(LABELS)
+    x = np.stack([preprocess(crafted_jpeg("dandelion", 999_001)), preprocess(crafted_jpeg("grass", 999_002))])
+    probs = np.asarray(pyfunc.predict(x))
+    assert probs.shape == (2, 2)
+    assert [LABELS[i] for i in probs.argmax(axis=1)] == ["dandelion", "grass"]
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+    # The seed's clients send {"inputs": [224 x 224 x 3 floats in [0, 1]]}: the scoring path accepts it.
+    # This is the function behind `mlflow models serve`'s /invocations.
+    payload = json.dumps({"inputs": [x[0].tolist()]})
+    answer = scoring_server.invocations(payload, "application/json", pyfunc, pyfunc.metadata.get_input_schema())
+    assert answer.status == 200, answer.response
+    served = np.asarray(json.loads(answer.response)["predictions"])
+    assert served.shape == (1, 2) and int(np.argmax(served)) == 0
+
+    # A deliberately worse model is registered, tagged with why, and not promoted.
+    worse = train_and_register(settings.model_copy(update={"epochs": 1, "learning_rate": 1e-9}), progress=False)
+    assert not worse.decision.promote
+    assert worse.version == "2"
+    assert client.get_model_version_by_alias(registry.model_name, "champion").version == "1"
+    tags = client.get_model_version(registry.model_name, "2").tags
+    assert tags["gate"] == "rejected" and tags["gate_reason"] == worse.decision.reason
+    assert worse.decision.champion_accuracy == pytest.approx(first.metrics["test_accuracy"])
+
+
+def champion(accuracy: float, auc: float = 0.9) -> Champion:
+    return Champion("3", "run", accuracy, auc)
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "auc", "current", "force", "promote", "why"),
+    [
+        (0.70, 0.8, None, False, False, "below the floor"),
+        (0.90, 0.9, None, False, True, "first model"),
+        (0.95, 0.9, champion(0.93), False, True, "beats champion v3"),
+        (0.93, 0.95, champion(0.93, 0.9), False, True, "beats champion v3"),
+        (0.93, 0.85, champion(0.93, 0.9), False, False, "does not beat"),
+        (0.91, 0.99, champion(0.93), False, False, "does not beat"),
+        (0.50, 0.5, champion(0.93), True, True, "forced"),
+    ],
+)
+def test_gate(accuracy, auc, current, force, promote, why) -> None:
+    decision = decide(accuracy, auc, current, floor=0.8, min_gain=0.0, force=force)
+    assert decision.promote is promote
+    assert why in decision.reason
