@@ -1,0 +1,103 @@
+"""Dockerfiles (hadolint plus the issue's rules) and .dockerignore."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from deploy_support import REPO_ROOT, require_tool, run_tool
+
+APP_DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
+MLFLOW_DOCKERFILE = REPO_ROOT / "docker" / "mlflow" / "Dockerfile"
+
+
+def _stages(dockerfile: Path) -> dict[str, list[str]]:
+    """Instructions of each stage (continuation lines joined, comments dropped), by stage name."""
+    text = re.sub(r"\\\n", " ", dockerfile.read_text(encoding="utf-8"))
+    stages: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+(\S+)(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if match:
+            current = stages.setdefault(match.group(2) or match.group(1), [])
+        if current is not None:
+            current.append(line)
+    return stages
+
+
+@pytest.mark.parametrize("dockerfile", [APP_DOCKERFILE, MLFLOW_DOCKERFILE], ids=["app", "mlflow"])
+def test_hadolint(dockerfile: Path) -> None:
+    hadolint = require_tool("hadolint")
+    run_tool([hadolint, "--no-color", "--failure-threshold", "info", str(dockerfile)])
+
+
+def _final_stage_rules(stages: dict[str, list[str]], final: str, chain: list[str]) -> None:
+    lines = [line for name in chain for line in stages[name]]
+    text = "\n".join(lines)
+    users = [line.split()[1] for line in stages[final] if line.upper().startswith("USER ")]
+    assert users, f"{final}: no USER instruction"
+    assert users[-1].split(":")[0] not in {"root", "0"}, f"{final}: must run as non-root"
+    assert "build-essential" not in text, f"{final}: build tools in the final image"
+    assert "gcc" not in text, f"{final}: build tools in the final image"
+    assert not re.search(r"(PASSWORD|SECRET|TOKEN|ACCESS_KEY)\w*=", text), f"{final}: credential in image"
+    assert any(line.startswith("COPY --from=") and "/opt/venv" in line for line in stages[final]), final
+
+
+def test_app_dockerfile() -> None:
+    stages = _stages(APP_DOCKERFILE)
+    assert set(stages) >= {"base", "build-api", "build-trainer", "runtime", "api", "trainer"}
+    assert "FROM ${PYTHON_IMAGE} AS base" in stages["base"][0]
+    assert "python:3.11-slim" in APP_DOCKERFILE.read_text(encoding="utf-8").split("ARG PYTHON_IMAGE=")[1].split()[0]
+    build_api = "\n".join(stages["build-api"])
+    build_trainer = "\n".join(stages["build-trainer"])
+    assert '-c constraints.txt ".[api]"' in build_api
+    assert "trainer" not in build_api
+    assert '-c constraints.txt ".[trainer]"' in build_trainer
+    for final in ("api", "trainer"):
+        _final_stage_rules(stages, final, ["base", "runtime", final])
+    api = "\n".join(stages["api"])
+    assert "COPY --from=build-api /opt/venv /opt/venv" in api
+    assert "HEALTHCHECK" in api
+    assert "/health/live" in api
+    assert "urllib.request" in api
+    assert "EXPOSE 8000" in api
+    assert '"services.api", "--host", "0.0.0.0", "--port", "8000"' in api
+    trainer = "\n".join(stages["trainer"])
+    assert "COPY --from=build-trainer /opt/venv /opt/venv" in trainer
+    assert 'ENTRYPOINT ["python", "-m", "services.trainer"]' in trainer
+    assert 'CMD ["run"]' in trainer
+
+
+def test_mlflow_dockerfile() -> None:
+    stages = _stages(MLFLOW_DOCKERFILE)
+    text = MLFLOW_DOCKERFILE.read_text(encoding="utf-8")
+    assert "python:3.11-slim" in text
+    for pin in ('"mlflow==3.17.2"', '"pymysql==1.2.4"', '"boto3==1.40.61"'):
+        assert pin in text
+    _final_stage_rules(stages, "runtime", ["base", "runtime"])
+    runtime = "\n".join(stages["runtime"])
+    assert "MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false" in runtime
+    assert "HEALTHCHECK" in runtime
+    assert ":5000/health" in runtime
+    assert '"mlflow", "server", "--host", "0.0.0.0", "--port", "5000", "--workers", "1"' in runtime
+
+
+def test_dockerignore() -> None:
+    entries = {
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert entries >= {".git", "var", ".venv", "*.db", "data", ".env", "tests", ".pytest_cache", "**/__pycache__"}
+    # Files the image build copies must not be excluded.
+    for needed in ("pyproject.toml", "constraints.txt", "README.md", "shared", "services"):
+        assert needed not in entries, needed
+
+
+def test_mysql_init_script_is_valid_bash() -> None:
+    for script in sorted((REPO_ROOT / "docker" / "mysql" / "initdb").glob("*.sh")):
+        run_tool(["bash", "-n", str(script)])

@@ -1,0 +1,254 @@
+"""Kubernetes manifests: schema-valid (strict) one by one and once rendered, and the issue's contract."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from deploy_support import K8S_DIR, load_yaml, load_yaml_documents, render_kustomization, require_tool, run_tool
+
+MANIFESTS = sorted(p for p in K8S_DIR.glob("*.yaml") if p.name != "kustomization.yaml")
+KUBERNETES_VERSIONS = ("1.29.0", "1.37.0")  # oldest supported cluster and the newest schema
+
+
+def _by_kind(resources: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [r for r in resources if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> list[dict[str, Any]]:
+    return render_kustomization()
+
+
+@pytest.fixture(scope="module")
+def api_deployment(rendered: list[dict[str, Any]]) -> dict[str, Any]:
+    (deployment,) = _by_kind(rendered, "Deployment")
+    return deployment
+
+
+def test_manifests_exist() -> None:
+    names = {p.name for p in MANIFESTS}
+    assert names >= {
+        "namespace.yaml",
+        "configmap.yaml",
+        "secret.template.yaml",
+        "api-deployment.yaml",
+        "api-service.yaml",
+        "api-pdb.yaml",
+        "api-hpa.yaml",
+        "trainer-cronjob.yaml",
+        "trainer-job.yaml",
+    }
+    assert (K8S_DIR / "README.md").is_file()
+    assert "kubectl apply -k k8s/" in (K8S_DIR / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_is_valid_strict(manifest: Path, version: str) -> None:
+    tool = require_tool("kubernetes-validate")
+    run_tool([tool, "--strict", "--quiet", "-k", version, str(manifest)])
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_rendered_kustomization_is_valid_strict(rendered: list[dict[str, Any]], tmp_path: Path, version: str) -> None:
+    tool = require_tool("kubernetes-validate")
+    out = tmp_path / "rendered.yaml"
+    out.write_text(yaml.safe_dump_all(rendered, sort_keys=False), encoding="utf-8")
+    run_tool([tool, "--strict", "--quiet", "-k", version, str(out)])
+
+
+def test_kustomization_lists_every_manifest_but_the_template_and_the_one_shot_job() -> None:
+    listed = set(load_yaml(K8S_DIR / "kustomization.yaml")["resources"])
+    assert listed == {p.name for p in MANIFESTS} - {"secret.template.yaml", "trainer-job.yaml"}
+
+
+def test_rendered_resources_are_namespaced_and_labelled(rendered: list[dict[str, Any]]) -> None:
+    kinds = sorted(r["kind"] for r in rendered)
+    assert kinds == sorted(
+        [
+            "Namespace",
+            "ServiceAccount",
+            "ConfigMap",
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget",
+            "HorizontalPodAutoscaler",
+            "CronJob",
+        ]
+    )
+    for resource in rendered:
+        if resource["kind"] != "Namespace":
+            assert resource["metadata"]["namespace"] == "dandelion-grass", resource["metadata"]["name"]
+        assert resource["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dandelion-grass"
+
+
+def test_api_deployment_contract(api_deployment: dict[str, Any]) -> None:
+    spec = api_deployment["spec"]
+    assert spec["replicas"] == 2
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    pod = spec["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 30
+    (container,) = pod["containers"]
+    assert container["image"].startswith("ghcr.io/")
+    assert container["image"].count(":") == 1
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000}
+    for probe_name, path in (
+        ("startupProbe", "/health/ready"),
+        ("readinessProbe", "/health/ready"),
+        ("livenessProbe", "/health/live"),
+    ):
+        probe = container[probe_name]["httpGet"]
+        assert probe["path"] == path, probe_name
+        assert probe["port"] in ("http", 8000), probe_name
+    assert container["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    resources = container["resources"]
+    assert resources["requests"]["cpu"] == "500m"
+    assert resources["requests"]["memory"] == "1Gi"
+    assert str(resources["limits"]["cpu"]) == "2"
+    assert resources["limits"]["memory"] == "2Gi"
+    env_from = {next(iter(e.values()))["name"] for e in container["envFrom"]}
+    assert env_from == {"dandelion-grass-config", "dandelion-grass-secrets"}
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "8000"
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def _assert_restricted(pod: dict[str, Any]) -> None:
+    pod_sc = pod["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True
+    assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
+    assert pod.get("automountServiceAccountToken") is False
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for container in pod["containers"]:
+        sc = container["securityContext"]
+        assert sc["runAsNonRoot"] is True
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert "add" not in sc["capabilities"]
+        assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+        tmp = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
+        assert tmp, f"{container['name']}: no writable /tmp"
+        assert "emptyDir" in volumes[tmp[0]["name"]]
+
+
+def test_api_security_context(api_deployment: dict[str, Any]) -> None:
+    _assert_restricted(api_deployment["spec"]["template"]["spec"])
+
+
+def test_api_spreads_across_nodes(api_deployment: dict[str, Any]) -> None:
+    pod = api_deployment["spec"]["template"]["spec"]
+    selector = api_deployment["spec"]["selector"]["matchLabels"]
+    keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
+    assert "kubernetes.io/hostname" in keys
+    for constraint in pod["topologySpreadConstraints"]:
+        assert constraint["labelSelector"]["matchLabels"] == selector
+    anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_service_nodeport(rendered: list[dict[str, Any]], api_deployment: dict[str, Any]) -> None:
+    (service,) = _by_kind(rendered, "Service")
+    assert service["spec"]["type"] == "NodePort"
+    (port,) = service["spec"]["ports"]
+    assert port["nodePort"] == 30080
+    assert port["port"] == 8000
+    assert port["targetPort"] in ("http", 8000)
+    assert service["spec"]["selector"] == api_deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_pdb_and_hpa(rendered: list[dict[str, Any]], api_deployment: dict[str, Any]) -> None:
+    (pdb,) = _by_kind(rendered, "PodDisruptionBudget")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == api_deployment["spec"]["selector"]["matchLabels"]
+    (hpa,) = _by_kind(rendered, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": api_deployment["metadata"]["name"],
+    }
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 6)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Resource"
+    assert metric["resource"]["name"] == "cpu"
+
+
+def _is_weekly(schedule: str) -> bool:
+    if schedule.strip() == "@weekly":
+        return True
+    fields = schedule.split()
+    if len(fields) != 5:
+        return False
+    minute, hour, dom, month, dow = fields
+    return (
+        minute.isdigit()
+        and hour.isdigit()
+        and dom == "*"
+        and month == "*"
+        and re.fullmatch(r"[0-7]|SUN|MON|TUE|WED|THU|FRI|SAT", dow, re.IGNORECASE) is not None
+    )
+
+
+def test_trainer_cronjob_is_weekly(rendered: list[dict[str, Any]]) -> None:
+    (cron,) = _by_kind(rendered, "CronJob")
+    assert _is_weekly(cron["spec"]["schedule"]), cron["spec"]["schedule"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    assert container["args"] == ["run"]
+    assert container["image"].startswith("ghcr.io/")
+    _assert_restricted(pod)
+
+
+def test_one_shot_trainer_job() -> None:
+    (job,) = load_yaml_documents(K8S_DIR / "trainer-job.yaml")
+    assert job["kind"] == "Job"
+    assert job["metadata"]["generateName"].endswith("-")
+    assert job["metadata"]["namespace"] == "dandelion-grass"
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"] == ["run"]
+    (cron,) = load_yaml_documents(K8S_DIR / "trainer-cronjob.yaml")
+    # Same pod as the CronJob's, so both runs behave alike.
+    assert pod == cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    _assert_restricted(pod)
+
+
+def test_configmap_carries_the_configuration_contract(rendered: list[dict[str, Any]]) -> None:
+    (configmap,) = _by_kind(rendered, "ConfigMap")
+    data = configmap["data"]
+    assert set(data) >= {
+        "OBJECT_STORE_URL",
+        "S3_ENDPOINT_URL",
+        "AWS_DEFAULT_REGION",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "MODEL_NAME",
+        "MODEL_ALIAS",
+        "DATA_SOURCE",
+        "API_PORT",
+        "API_WORKERS",
+        "API_POLL_INTERVAL_S",
+        "API_MAX_BATCH_SIZE",
+        "API_MAX_BATCH_WAIT_MS",
+    }
+    assert data["API_PORT"] == "8000"
+    secret_names = {"DATABASE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert not secret_names & set(data), "credentials belong in the Secret"
+
+
+def test_secret_is_only_a_template() -> None:
+    (secret,) = load_yaml_documents(K8S_DIR / "secret.template.yaml")
+    assert secret["kind"] == "Secret"
+    assert "data" not in secret
+    assert set(secret["stringData"]) == {"DATABASE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    for key, value in secret["stringData"].items():
+        assert "REPLACE_ME" in value, f"{key} looks like a real credential"
