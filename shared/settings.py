@@ -16,9 +16,7 @@ DEFAULT_DATA_SOURCE = "https://raw.githubusercontent.com/btphan95/greenr-airflow
 
 
 def _config(prefix: str = "") -> SettingsConfigDict:
-    return SettingsConfigDict(
-        env_prefix=prefix, env_file=".env", extra="ignore", populate_by_name=True, frozen=True
-    )
+    return SettingsConfigDict(env_prefix=prefix, env_file=".env", extra="ignore", populate_by_name=True, frozen=True)
 
 
 class ObjectStoreSettings(BaseSettings):

@@ -45,9 +45,7 @@ def mariadb() -> str:
         _mysql_answers()
     except pymysql.MySQLError:
         daemon = shutil.which("mariadbd") or "/usr/sbin/mariadbd"
-        subprocess.run(
-            ["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", daemon], check=True
-        )
+        subprocess.run(["start-stop-daemon", "--start", "--oknodo", "--background", "--exec", daemon], check=True)
         wait_until(_mysql_answers, None, 60, None, "MariaDB")
     return f"{MYSQL_HOST}:{MYSQL_PORT}"
 
@@ -145,8 +143,18 @@ def mlflow_server(databases: Databases, s3_endpoint: str) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     with running(
         [
-            str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", backend, "--default-artifact-root", "s3://mlflow/artifacts",
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            backend,
+            "--default-artifact-root",
+            "s3://mlflow/artifacts",
         ],
         ready=lambda: __import__("httpx").get(f"{url}/health", timeout=2).status_code == 200,
         log=ARTIFACTS / "mlflow-server.log",

@@ -22,7 +22,11 @@ def crafted(label: str, seed: int, size: tuple[int, int] = (160, 120)) -> Image.
     draw = ImageDraw.Draw(img)
     for _ in range(int(rng.integers(6, 14))):  # darker blades in both classes
         x = int(rng.integers(0, size[0]))
-        draw.line([(x, size[1]), (x + int(rng.integers(-15, 15)), int(rng.integers(0, size[1] // 2)))], fill=(20, 90, 20), width=2)
+        draw.line(
+            [(x, size[1]), (x + int(rng.integers(-15, 15)), int(rng.integers(0, size[1] // 2)))],
+            fill=(20, 90, 20),
+            width=2,
+        )
     if label == "dandelion":
         for _ in range(int(rng.integers(2, 5))):
             r = int(rng.integers(10, 22))

@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--source", help="HTTP(S) base URL or local folder (default: DATA_SOURCE)")
         p.add_argument("--per-class", type=int, help="indices (HTTP) or files (folder) per label")
 
-    add_source(commands.add_parser("ingest", parents=[common], help="download/copy labelled images into the object store"))
+    add_source(
+        commands.add_parser("ingest", parents=[common], help="download/copy labelled images into the object store")
+    )
     features = commands.add_parser("features", parents=[common], help="build the next feature-set version")
     features.add_argument("--force", action="store_true", help="build a new version even if nothing changed")
     for name, help_text in (("train", "train, register and gate a model"), ("run", "ingest + features + train")):
@@ -48,7 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("botocore", "aiobotocore", "httpx", "urllib3", "alembic", "mlflow", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = TrainerSettings()
-    overrides = {k: v for k, v in (("epochs", getattr(args, "epochs", None)), ("seed", getattr(args, "seed", None))) if v}
+    overrides = {
+        k: v for k, v in (("epochs", getattr(args, "epochs", None)), ("seed", getattr(args, "seed", None))) if v
+    }
     if overrides:
         settings = settings.model_copy(update=overrides)
     progress = not args.quiet
@@ -57,7 +61,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = asyncio.run(ingest(settings, args.source, args.per_class, progress=progress))
             print(report.summary())
         if args.command in ("features", "run"):
-            feature_set = asyncio.run(build_features(settings, force=getattr(args, "force", False) and args.command == "features", progress=progress))
+            feature_set = asyncio.run(
+                build_features(
+                    settings, force=getattr(args, "force", False) and args.command == "features", progress=progress
+                )
+            )
             print(feature_set.summary())
         if args.command in ("train", "run"):
             from services.trainer.train import train_and_register

@@ -9,10 +9,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from sklearn.metrics import (  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
+from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
     f1_score,
@@ -22,7 +22,7 @@ from sklearn.metrics import (  # noqa: E402
     roc_auc_score,
 )
 
-from shared.labels import LABELS  # noqa: E402
+from shared.labels import LABELS
 
 
 def metrics(y_true: np.ndarray, probabilities: np.ndarray, prefix: str = "test_") -> dict[str, float]:

@@ -190,7 +190,9 @@ async def ingest(
         report.seconds = time.perf_counter() - started
     if report.seen == 0:
         if report.failed:
-            raise SourceError(f"source {source} is unreachable: {report.failed} downloads failed ({report.last_failure})")
+            raise SourceError(
+                f"source {source} is unreachable: {report.failed} downloads failed ({report.last_failure})"
+            )
         raise SourceError(f"source {source} holds no images ({report.missing} missing)")
     return report
 
@@ -254,4 +256,3 @@ async def _ingest_one(
     report.new_by_label[candidate.label] += 1
     if on_stored:
         on_stored(row)
-

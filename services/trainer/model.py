@@ -14,7 +14,6 @@ import keras
 from shared.images import MODEL_SIZE
 from shared.labels import LABELS
 
-
 BN_MOMENTUM = 0.9
 """A few hundred steps per training: the default 0.99 would leave the moving statistics near their start."""
 
@@ -37,7 +36,9 @@ def augmentation(seed: int) -> keras.Sequential:
 def _block(x: keras.KerasTensor, filters: int, weight_decay: float, name: str) -> keras.KerasTensor:
     """Two separable 3x3 convolutions with a strided shortcut: halves resolution, keeps gradients flowing."""
     reg = keras.regularizers.l2(weight_decay) if weight_decay else None
-    shortcut = keras.layers.Conv2D(filters, 1, strides=2, use_bias=False, kernel_regularizer=reg, name=f"{name}_proj")(x)
+    shortcut = keras.layers.Conv2D(filters, 1, strides=2, use_bias=False, kernel_regularizer=reg, name=f"{name}_proj")(
+        x
+    )
     shortcut = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_proj_bn")(shortcut)
     y = keras.layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_sep1")(x)
     y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)

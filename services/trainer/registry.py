@@ -58,9 +58,7 @@ def current_champion(client: MlflowClient, settings: RegistrySettings) -> tuple[
     return version.version, version.run_id
 
 
-def evaluate_version(
-    settings: RegistrySettings, version: str, x: np.ndarray, batch_size: int = 64
-) -> np.ndarray:
+def evaluate_version(settings: RegistrySettings, version: str, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """The probabilities a registered version gives ``x``, in the product's label order."""
     import keras
 
@@ -70,8 +68,9 @@ def evaluate_version(
     model = mlflow.tensorflow.load_model(uri)
     info = mlflow.models.get_model_info(uri)
     labels = tuple((info.metadata or {}).get("labels", LABELS))
-    probs = np.concatenate([keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=False))
-                            for i in range(0, len(x), batch_size)])
+    probs = np.concatenate(
+        [keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
+    )
     return probs[:, [labels.index(label) for label in LABELS]]
 
 

@@ -45,7 +45,8 @@ class TrainResult:
     def summary(self) -> str:
         verdict = "PROMOTED to champion" if self.decision.promote else "NOT promoted"
         return (
-            f"train: {self.model_name} v{self.version} (run {self.run_id[:8]}, feature set v{self.feature_set_version}): "
+            f"train: {self.model_name} v{self.version} (run {self.run_id[:8]}, "
+            f"feature set v{self.feature_set_version}): "
             f"test accuracy {self.metrics['test_accuracy']:.4f}, F1 {self.metrics['test_f1']:.4f}, "
             f"ROC AUC {self.metrics['test_roc_auc']:.4f}; {self.epochs} epochs, "
             f"{self.seconds_per_epoch:.1f} s/epoch, {self.training_seconds:.0f} s training, "
@@ -192,9 +193,13 @@ def train_and_register(
             out = Path(tmp)
             evaluation.plot_confusion(test.y, test_probs.argmax(axis=1), out / "confusion_matrix.png")
             evaluation.plot_history(history.history, out / "learning_curves.png")
-            n_wrong = evaluation.misclassified_grid(test.image, test.y, test_probs, out / "misclassified_test_images.png")
+            n_wrong = evaluation.misclassified_grid(
+                test.image, test.y, test_probs, out / "misclassified_test_images.png"
+            )
             (out / "labels.json").write_text(json.dumps(list(LABELS)))
-            (out / "history.json").write_text(json.dumps({k: [float(v) for v in vs] for k, vs in history.history.items()}))
+            (out / "history.json").write_text(
+                json.dumps({k: [float(v) for v in vs] for k, vs in history.history.items()})
+            )
             mlflow.log_artifacts(tmp, artifact_path="report")
             mlflow.log_dict({"labels": list(LABELS)}, "labels.json")
         log.info("test accuracy %.4f (%d misclassified of %d)", results["test_accuracy"], n_wrong, len(test))

@@ -1,4 +1,4 @@
-"""Feature sets on real MariaDB + S3: one Parquet per version, stratified split, descriptors, no rebuild when unchanged."""
+"""Feature sets on real MariaDB + S3: a Parquet per version, stratified split, descriptors, no needless rebuild."""
 
 from __future__ import annotations
 

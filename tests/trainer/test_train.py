@@ -27,7 +27,9 @@ FAST = {"epochs": 10, "image_size": 64, "batch_size": 8, "patience": 10, "learni
 
 
 @pytest.fixture
-def crafted_settings(stack_settings: TrainerSettings, registry_settings: RegistrySettings, tmp_path: Path) -> TrainerSettings:
+def crafted_settings(
+    stack_settings: TrainerSettings, registry_settings: RegistrySettings, tmp_path: Path
+) -> TrainerSettings:
     folder = write_crafted_folder(tmp_path / "crafted", per_class=40)
     settings = stack_settings.model_copy(update={"registry": registry_settings, "data_source": str(folder), **FAST})
     asyncio.run(ingest(settings, progress=False))

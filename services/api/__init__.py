@@ -1,0 +1,1 @@
+"""Inference API: serves the registry's champion over /predict and MLflow-compatible /invocations."""

@@ -1,0 +1,5 @@
+import sys
+
+from services.api.cli import main
+
+sys.exit(main())

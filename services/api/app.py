@@ -1,0 +1,148 @@
+"""``create_app(settings)``: the FastAPI application, its lifespan and its one error renderer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from prometheus_fastapi_instrumentator import Instrumentator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.api.batching import Batcher
+from services.api.errors import ApiError, PayloadTooLarge
+from services.api.metrics import HTTP_LATENCY_BUCKETS, ApiMetrics
+from services.api.responses import JSONResponse
+from services.api.routes import health, invocations, model, predict
+from services.api.runtime import MlflowSource, ModelRuntime, ModelSource
+from services.api.service import Classifier
+from services.api.settings import ApiSettings
+from shared.images import ImageLimits
+
+log = logging.getLogger(__name__)
+
+UNMETERED = ["/metrics", "/health/live", "/health/ready", "/ping", "/health"]
+HTTP_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
+
+
+def create_app(settings: ApiSettings | None = None, source: ModelSource | None = None) -> FastAPI:
+    """The app; ``source`` replaces the MLflow registry (tests pass a fake)."""
+    settings = settings or ApiSettings()
+    metrics = ApiMetrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = ModelRuntime(
+            source or MlflowSource(settings.registry),
+            metrics,
+            poll_interval_s=settings.poll_interval_s,
+            retry_initial_s=settings.retry_initial_s,
+            retry_max_s=settings.retry_max_s,
+        )
+        batcher = Batcher(runtime, metrics, settings.max_batch_size, settings.max_batch_wait_ms / 1000)
+        limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+        app.state.runtime = runtime
+        app.state.classifier = Classifier(batcher, metrics, limits, settings.max_instances, settings.request_timeout_s)
+        batcher.start()
+        loader = asyncio.create_task(runtime.run(), name="model-runtime")
+        try:
+            yield
+        finally:
+            app.state.shutting_down = True
+            metrics.ready.set(0)
+            await batcher.stop()
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+
+    app = FastAPI(
+        title="Dandelion or grass",
+        version="1.0",
+        description="Classifies photos as dandelion or grass with the model behind the registry alias. "
+        "`/predict` takes image files; `/invocations` speaks MLflow's scoring protocol.",
+        lifespan=lifespan,
+        default_response_class=JSONResponse,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.shutting_down = False
+
+    for router in (predict.router, invocations.router, model.router, health.router):
+        app.include_router(router)
+
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
+        )
+    Instrumentator(excluded_handlers=UNMETERED, registry=metrics.registry).instrument(
+        app, latency_lowr_buckets=HTTP_LATENCY_BUCKETS
+    ).expose(app, include_in_schema=False)
+    return app
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error_code": code, "message": message}, status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Only where and what, never the offending input itself.
+        problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors()[:5])
+        return _error(400, "BAD_REQUEST", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request refused"
+        return _error(exc.status_code, HTTP_CODES.get(exc.status_code, f"HTTP_{exc.status_code}"), message[:300])
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "INTERNAL_ERROR", "internal error; it has been logged")
+
+
+class BodyLimitMiddleware:
+    """Refuses request bodies over ``limit`` bytes, declared or streamed, before anything buffers them."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self._refuse(send)
+                return
+        received = 0
+        limit = self.limit
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def _refuse(self, send: Send) -> None:
+        response = _error(413, "PAYLOAD_TOO_LARGE", f"the request body is over the limit of {self.limit} bytes")
+        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})

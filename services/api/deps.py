@@ -1,0 +1,28 @@
+"""Dependency aliases for the routes: the app's state, typed."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from services.api.runtime import ModelRuntime
+from services.api.service import Classifier
+from services.api.settings import ApiSettings
+
+
+def _classifier(request: Request) -> Classifier:
+    return request.app.state.classifier
+
+
+def _runtime(request: Request) -> ModelRuntime:
+    return request.app.state.runtime
+
+
+def _settings(request: Request) -> ApiSettings:
+    return request.app.state.settings
+
+
+ClassifierDep = Annotated[Classifier, Depends(_classifier)]
+RuntimeDep = Annotated[ModelRuntime, Depends(_runtime)]
+SettingsDep = Annotated[ApiSettings, Depends(_settings)]

@@ -1,0 +1,52 @@
+"""One error hierarchy with status codes and MLflow-style codes, rendered in one place (see ``app.py``).
+
+Messages never contain the request payload.
+"""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status_code = 500
+    error_code = "INTERNAL_ERROR"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> dict[str, str]:
+        return {"error_code": self.error_code, "message": self.message}
+
+
+class BadRequest(ApiError):
+    status_code = 400
+    error_code = "BAD_REQUEST"
+
+
+class InvalidImage(BadRequest):
+    error_code = "INVALID_IMAGE"
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    error_code = "PAYLOAD_TOO_LARGE"
+
+
+class UnsupportedMediaType(ApiError):
+    status_code = 415
+    error_code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class ModelNotReady(ApiError):
+    status_code = 503
+    error_code = "MODEL_NOT_READY"
+
+
+class Overloaded(ApiError):
+    status_code = 503
+    error_code = "TEMPORARILY_UNAVAILABLE"
+
+
+class Timeout(ApiError):
+    status_code = 504
+    error_code = "TIMEOUT"

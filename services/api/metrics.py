@@ -1,0 +1,67 @@
+"""Model and batching metrics, in the app's own registry beside prometheus-fastapi-instrumentator's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    gc_collector,
+    platform_collector,
+    process_collector,
+)
+
+HTTP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+
+
+class ApiMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        process_collector.ProcessCollector(registry=self.registry)
+        platform_collector.PlatformCollector(registry=self.registry)
+        gc_collector.GCCollector(registry=self.registry)
+        r = self.registry
+        self.predictions = Counter(
+            "model_predictions", "Predictions served, by predicted label.", ["label"], registry=r
+        )
+        self.confidence = Histogram(
+            "model_prediction_confidence",
+            "Probability of the predicted class.",
+            buckets=(0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.99, 1.0),
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "model_inference_seconds",
+            "Duration of one forward pass of the model (a whole batch), excluding decoding and queueing.",
+            buckets=(0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.info = Gauge(
+            "model_info", "The model being served (value 1).", ["name", "version", "alias", "run_id"], registry=r
+        )
+        self.ready = Gauge("model_ready", "1 when a model is loaded and can predict.", registry=r)
+        self.load_failures = Counter(
+            "model_load_failures", "Failed attempts to resolve or load a model from the registry.", registry=r
+        )
+        self.reloads = Counter("model_reloads", "Models loaded and swapped in (the first load included).", registry=r)
+        self.batch_size = Histogram(
+            "model_batch_size",
+            "Images per forward pass.",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
+        self.queue_depth = Gauge("model_batch_queue_depth", "Images waiting for a forward pass.", registry=r)
+
+    def served(self, labels: Sequence[str], confidences: Sequence[float]) -> None:
+        for label, confidence in zip(labels, confidences, strict=True):
+            self.predictions.labels(label=label).inc()
+            self.confidence.observe(confidence)
+
+    def model_loaded(self, name: str, version: str, alias: str, run_id: str) -> None:
+        self.info.clear()
+        self.info.labels(name=name, version=version, alias=alias, run_id=run_id).set(1)
+        self.ready.set(1)
+        self.reloads.inc()

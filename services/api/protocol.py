@@ -1,0 +1,137 @@
+"""The MLflow scoring protocol for this model: request body -> float32 image batch, predictions -> body.
+
+Accepts what ``mlflow models serve`` accepts for a model with a ``(-1, 224, 224, 3)`` tensor signature
+(``inputs``, ``instances``, ``dataframe_split``, ``dataframe_records``; optional ``params``), refuses
+what it refuses, and never echoes the payload in an error (MLflow does; we do not).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+
+from services.api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from shared.images import MODEL_SIZE
+
+FORMATS = ("inputs", "instances", "dataframe_split", "dataframe_records")
+IMAGE_SHAPE = (MODEL_SIZE, MODEL_SIZE, 3)
+IMAGE_VALUES = MODEL_SIZE * MODEL_SIZE * 3
+REQUIRED = (
+    "The request must be a JSON object with exactly one of the keys "
+    "'inputs', 'instances', 'dataframe_split' or 'dataframe_records' (and optionally 'params')"
+)
+
+
+def check_content_type(content_type: str | None) -> None:
+    """Only ``application/json`` (charset utf-8 if given), as MLflow's server for JSON payloads."""
+    if not content_type:
+        raise UnsupportedMediaType("Content-Type must be application/json")
+    media_type, *parameters = (part.strip() for part in content_type.split(";"))
+    if media_type.lower() != "application/json":
+        raise UnsupportedMediaType(f"Content-Type must be application/json, not {media_type[:100]!r}")
+    for parameter in parameters:
+        key, _, value = parameter.partition("=")
+        if key.strip().lower() != "charset":
+            raise UnsupportedMediaType(f"unsupported Content-Type parameter {key.strip()[:50]!r}")
+        if value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise UnsupportedMediaType("the scoring server only supports UTF-8")
+
+
+def parse_body(body: bytes, max_instances: int) -> np.ndarray:
+    """A JSON body -> float32 ``(n, 224, 224, 3)``; raises :class:`BadRequest` with a short reason."""
+    if not body:
+        raise BadRequest("the request body is empty")
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {str(exc).split(':')[0]}") from None
+    if isinstance(payload, list):
+        raise BadRequest(f"{REQUIRED}; received a list")
+    if not isinstance(payload, dict):
+        raise BadRequest(f"{REQUIRED}; received a JSON {type(payload).__name__}")
+    keys = [key for key in FORMATS if key in payload]
+    if len(keys) != 1:
+        found = ", ".join(repr(k)[:40] for k in list(payload)[:8])
+        raise BadRequest(f"{REQUIRED}; received keys: {found or 'none'}")
+    key = keys[0]
+    value = payload[key]
+    if key in ("inputs", "instances"):
+        array = _tensor(value, key)
+    elif key == "dataframe_split":
+        array = _dataframe_split(value)
+    else:
+        array = _dataframe_records(value)
+    if array.shape[0] > max_instances:
+        raise PayloadTooLarge(f"at most {max_instances} images per request; received {array.shape[0]}")
+    return array
+
+
+def _numeric(value: Any, what: str) -> np.ndarray:
+    if value is None:
+        raise BadRequest(f"{what} is null")
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        raise BadRequest(f"{what} is not a rectangular array of numbers") from None
+    if array.dtype.kind not in "fiu" or array.size == 0:
+        raise BadRequest(f"{what} must be a non-empty array of numbers")
+    array = array.astype(np.float32, copy=False)
+    if not np.isfinite(array).all():
+        raise BadRequest(f"{what} contains values that are not finite numbers")
+    return array
+
+
+def _as_images(array: np.ndarray, what: str) -> np.ndarray:
+    if array.ndim == 4 and array.shape[1:] == IMAGE_SHAPE:
+        return np.ascontiguousarray(array)
+    raise BadRequest(
+        f"{what} has shape {tuple(array.shape)}; expected (-1, {MODEL_SIZE}, {MODEL_SIZE}, 3): "
+        f"a list of {MODEL_SIZE}x{MODEL_SIZE} RGB images with values in [0, 1]"
+    )
+
+
+def _tensor(value: Any, key: str) -> np.ndarray:
+    if isinstance(value, dict):
+        raise BadRequest(f"'{key}' must be a list of images; this model has one unnamed input")
+    if not isinstance(value, list):
+        raise BadRequest(f"'{key}' must be a list of images")
+    return _as_images(_numeric(value, f"'{key}'"), f"'{key}'")
+
+
+def _frame_rows(rows: np.ndarray, what: str) -> np.ndarray:
+    """As MLflow reshapes a data frame for a single tensor input: one row per image, flattened."""
+    if rows.ndim == 2 and rows.shape[1] == IMAGE_VALUES:
+        return rows.reshape(-1, *IMAGE_SHAPE)
+    if rows.ndim >= 3 and rows.shape[1] == 1:  # one column whose cells are images
+        return _as_images(rows[:, 0], what)
+    raise BadRequest(
+        f"{what} has shape {tuple(rows.shape)}; each row must hold one {MODEL_SIZE}x{MODEL_SIZE}x3 image "
+        f"({IMAGE_VALUES} columns)"
+    )
+
+
+def _dataframe_split(value: Any) -> np.ndarray:
+    if not isinstance(value, dict) or "data" not in value:
+        raise BadRequest("'dataframe_split' must be an object with 'columns' and 'data'")
+    columns = value.get("columns")
+    rows = _numeric(value["data"], "'dataframe_split.data'")
+    if columns is not None and (not isinstance(columns, list) or (rows.ndim >= 2 and len(columns) != rows.shape[1])):
+        raise BadRequest("'dataframe_split.columns' does not match the rows")
+    return _frame_rows(rows, "'dataframe_split.data'")
+
+
+def _dataframe_records(value: Any) -> np.ndarray:
+    if not isinstance(value, list) or not value or not all(isinstance(r, dict) for r in value):
+        raise BadRequest("'dataframe_records' must be a non-empty list of objects")
+    columns = list(value[0])
+    if any(list(r) != columns for r in value[1:]):
+        raise BadRequest("every record of 'dataframe_records' must have the same keys")
+    rows = _numeric([[r[c] for c in columns] for r in value], "'dataframe_records'")
+    return _frame_rows(rows, "'dataframe_records'")
+
+
+def predictions_body(probabilities: np.ndarray) -> bytes:
+    """``{"predictions": [[p_dandelion, p_grass], ...]}`` as MLflow writes a float32 array."""
+    return orjson.dumps({"predictions": probabilities}, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -1,0 +1,70 @@
+"""``POST /invocations``: the MLflow scoring protocol, answering as ``mlflow models serve`` does."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from services.api.deps import ClassifierDep, SettingsDep
+from services.api.errors import PayloadTooLarge
+from services.api.protocol import check_content_type
+
+router = APIRouter(tags=["mlflow"])
+
+OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "description": "Exactly one of inputs, instances, dataframe_split, dataframe_records.",
+                    "properties": {
+                        "inputs": {"type": "array", "description": "Images as (n, 224, 224, 3) floats in [0, 1]"},
+                        "instances": {"type": "array"},
+                        "dataframe_split": {"type": "object"},
+                        "dataframe_records": {"type": "array"},
+                        "params": {"type": "object"},
+                    },
+                },
+                "example": {"inputs": [[[[0.2, 0.5, 0.1]] * 224] * 224]},
+            }
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "Class probabilities per image, in the order dandelion, grass",
+            "content": {"application/json": {"example": {"predictions": [[0.97, 0.03]]}}},
+        },
+        "400": {"description": "Bad input: `{error_code, message}`"},
+        "413": {"description": "Body over the size limit, or too many images"},
+        "415": {"description": "Not application/json (UTF-8)"},
+        "503": {"description": "No model loaded yet"},
+    },
+}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing it as soon as it passes ``limit`` bytes (declared or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post("/invocations", summary="MLflow-compatible scoring", openapi_extra=OPENAPI)
+async def invocations(request: Request, classifier: ClassifierDep, settings: SettingsDep) -> Response:
+    check_content_type(request.headers.get("content-type"))
+    body = await read_body(request, settings.max_body_bytes)
+    content, model = await classifier.invocations(body)
+    return Response(
+        content,
+        media_type="application/json",
+        headers={"X-Model-Name": model.name, "X-Model-Version": model.version},
+    )

@@ -1,0 +1,80 @@
+"""``POST /predict``: one or more image files (multipart field ``file``) -> label, confidence, per-class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.datastructures import UploadFile
+
+from services.api.deps import ClassifierDep, SettingsDep
+from services.api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from services.api.responses import JSONResponse
+from services.api.service import Upload
+
+router = APIRouter(tags=["predict"])
+
+EXAMPLE = {
+    "label": "dandelion",
+    "confidence": 0.97,
+    "probabilities": {"dandelion": 0.97, "grass": 0.03},
+    "model": {"name": "dandelion-grass", "version": "3"},
+    "filename": "photo.jpg",
+}
+
+OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "One or more photos (JPEG, PNG, WebP, GIF, BMP, TIFF).",
+                        }
+                    },
+                }
+            }
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "One result for one file; a list of results, in order, for several.",
+            "content": {"application/json": {"example": EXAMPLE}},
+        },
+        "400": {"description": "Not an image, missing `file`, or too many files"},
+        "413": {"description": "A file or the request is over the size limit"},
+        "415": {"description": "Not multipart/form-data"},
+        "503": {"description": "No model loaded yet"},
+    },
+}
+
+
+@router.post("/predict", summary="Classify photos as dandelion or grass", openapi_extra=OPENAPI)
+async def predict(request: Request, classifier: ClassifierDep, settings: SettingsDep) -> JSONResponse:
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise UnsupportedMediaType("send the photo as multipart/form-data in the field 'file'")
+    form = await request.form(max_files=settings.max_files, max_fields=settings.max_files + 8)
+    try:
+        parts = form.getlist("file")
+        if not parts:
+            raise BadRequest("the form has no 'file' field: send the photo as file=@photo.jpg")
+        uploads: list[Upload] = []
+        for part in parts:
+            if not isinstance(part, UploadFile):
+                raise BadRequest("'file' must be a file upload, not a text field")
+            if part.size is not None and part.size > settings.max_upload_bytes:
+                limit = settings.max_upload_bytes
+                raise PayloadTooLarge(f"{part.filename or 'a file'} is over the limit of {limit} bytes")
+            uploads.append(Upload(part.filename, await part.read()))
+    finally:
+        await form.close()
+    answers = await classifier.classify(uploads)
+    body: Any = answers[0] if len(answers) == 1 else answers
+    last = answers[-1]["model"]
+    return JSONResponse(body, headers={"X-Model-Name": last["name"], "X-Model-Version": last["version"]})

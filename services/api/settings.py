@@ -1,0 +1,49 @@
+"""The API's one settings object: the shared registry part plus its own ``API_*`` knobs."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.settings import RegistrySettings
+
+
+class ApiSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="API_", env_file=".env", extra="ignore", populate_by_name=True, frozen=True
+    )
+
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    """Each worker process loads its own model; scale with replicas rather than workers."""
+    log_level: str = "info"
+
+    poll_interval_s: float = 30.0
+    """How often the registry is asked whether the alias points to a new version."""
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 30.0
+    """Backoff bounds while no model could be loaded yet (registry down, alias missing)."""
+
+    max_batch_size: int = 16
+    """Most images per forward pass; 1 turns micro-batching off."""
+    max_batch_wait_ms: float = 2.0
+    """How long the first request of a batch waits for batch-mates (only while the model is busy)."""
+
+    max_upload_bytes: int = 10 * 1024 * 1024
+    """Largest single image file accepted by /predict."""
+    max_files: int = 16
+    """Most ``file`` parts in one /predict request."""
+    max_pixels: int = 40_000_000
+    """Largest image (width x height) decoded; larger ones are refused before decoding (bomb guard)."""
+    max_body_bytes: int = 64 * 1024 * 1024
+    """Largest request body of any kind (a 224 x 224 x 3 JSON image is about 1-3 MB)."""
+    max_instances: int = 64
+    """Most images in one /invocations request."""
+    request_timeout_s: float = 30.0
+    """A request still waiting for the model after this answers 503 instead of hanging."""
+
+    cors_origins: list[str] = []
+    """Origins allowed to call the API from a browser; empty (the default) means none."""

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+
+from services.api.app import create_app
+from services.api.settings import ApiSettings
+from tests.api.fakes import FakeSource
+
+
+@pytest.fixture
+def source() -> FakeSource:
+    return FakeSource()
+
+
+@pytest.fixture
+def api_settings() -> ApiSettings:
+    return ApiSettings(
+        poll_interval_s=0.05,
+        retry_initial_s=0.05,
+        retry_max_s=0.1,
+        max_files=4,
+        max_upload_bytes=2_000_000,
+        max_body_bytes=8_000_000,
+        max_instances=8,
+    )
+
+
+async def wait_ready(client: httpx.AsyncClient, timeout: float = 5.0) -> None:
+    import asyncio
+
+    for _ in range(int(timeout / 0.02)):
+        if (await client.get("/health/ready")).status_code == 200:
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError("the app did not become ready")
+
+
+@pytest.fixture
+async def client(api_settings: ApiSettings, source: FakeSource) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(api_settings, source=source)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
+            await wait_ready(c)
+            yield c

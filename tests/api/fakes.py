@@ -1,0 +1,48 @@
+"""A fake model source for API unit tests: our own seam, not a fake of a server."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from services.api.runtime import LoadedModel
+from shared.labels import LABELS
+
+
+def yellowness(x: np.ndarray) -> np.ndarray:
+    """P(dandelion) rises with how much brighter red+green are than blue: yellow flowers."""
+    score = (x[..., 0] + x[..., 1]) / 2 - x[..., 2]
+    p = 1 / (1 + np.exp(-12 * (score.mean(axis=(1, 2)) - 0.35)))
+    return np.stack([p, 1 - p], axis=1).astype(np.float32)
+
+
+class FakeSource:
+    """Serves versions named by ``self.version``; ``fail`` makes the registry unreachable."""
+
+    def __init__(self, version: str = "1", fail: bool = False) -> None:
+        self.version = version
+        self.fail = fail
+        self.loads = 0
+        self.calls_per_batch: list[int] = []
+        self.lock = threading.Lock()
+        self.poison_value: float | None = None
+
+    def resolve(self) -> tuple[str, str]:
+        if self.fail:
+            raise ConnectionError("registry unreachable")
+        return self.version, f"run-{self.version}"
+
+    def load(self, version: str, run_id: str) -> LoadedModel:
+        self.loads += 1
+
+        def forward(x: np.ndarray) -> np.ndarray:
+            with self.lock:
+                self.calls_per_batch.append(len(x))
+            if self.poison_value is not None and np.any(x[:, 0, 0, 0] == self.poison_value):
+                raise ValueError("poisoned input")
+            return yellowness(x)
+
+        return LoadedModel(
+            name="fake-model", version=version, alias="champion", run_id=run_id, labels=LABELS, forward=forward
+        )

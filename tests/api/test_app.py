@@ -1,0 +1,287 @@
+"""The API with a fake model: routes, errors, content types, limits, metrics, probes and model swaps."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+from asgi_lifespan import LifespanManager
+from PIL import Image
+
+from services.api.app import create_app
+from services.api.settings import ApiSettings
+from tests.api.conftest import wait_ready
+from tests.api.fakes import FakeSource, yellowness
+from tests.crafted import crafted_jpeg
+
+
+def png(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+YELLOW, GREEN = png((250, 220, 20)), png((40, 150, 30))
+
+
+async def test_predict_one_file(client: httpx.AsyncClient) -> None:
+    response = await client.post("/predict", files={"file": ("flower.png", YELLOW, "image/png")})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["label"] == "dandelion"
+    assert body["confidence"] == pytest.approx(body["probabilities"]["dandelion"])
+    assert set(body["probabilities"]) == {"dandelion", "grass"}
+    assert body["model"] == {"name": "fake-model", "version": "1"}
+    assert response.headers["x-model-version"] == "1"
+
+
+async def test_predict_several_files_answers_in_order(client: httpx.AsyncClient) -> None:
+    files = [("file", ("a.png", GREEN)), ("file", ("b.png", YELLOW)), ("file", ("c.jpg", crafted_jpeg("grass", 3)))]
+    response = await client.post("/predict", files=files)
+    assert response.status_code == 200
+    body = response.json()
+    assert [r["label"] for r in body] == ["grass", "dandelion", "grass"]
+    assert [r["filename"] for r in body] == ["a.png", "b.png", "c.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("files", "data", "headers", "status", "code"),
+    [
+        ({"file": ("notes.jpg", b"just some text", "image/jpeg")}, None, None, 400, "INVALID_IMAGE"),
+        ({"file": ("empty.jpg", b"", "image/jpeg")}, None, None, 400, "INVALID_IMAGE"),
+        ({"photo": ("x.png", YELLOW, "image/png")}, None, None, 400, "BAD_REQUEST"),
+        ({"other": ("x.png", YELLOW, "image/png")}, {"file": "not a file"}, None, 400, "BAD_REQUEST"),
+        (None, {"file": "urlencoded, not multipart"}, None, 415, "UNSUPPORTED_MEDIA_TYPE"),
+        (None, None, {"content-type": "application/json"}, 415, "UNSUPPORTED_MEDIA_TYPE"),
+        (None, None, {"content-type": "image/png"}, 415, "UNSUPPORTED_MEDIA_TYPE"),
+    ],
+)
+async def test_predict_refusals(client, files, data, headers, status, code) -> None:
+    if headers:
+        response = await client.post("/predict", content=YELLOW, headers=headers)
+    else:
+        response = await client.post("/predict", files=files, data=data)
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error_code"] == code and body["message"]
+
+
+async def test_predict_limits(client: httpx.AsyncClient) -> None:
+    too_many = [("file", (f"{i}.png", GREEN)) for i in range(5)]
+    assert (await client.post("/predict", files=too_many)).status_code == 400
+    big = np.random.default_rng(0).integers(0, 255, (900, 900, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(big).save(buffer, "PNG")
+    assert len(buffer.getvalue()) > 2_000_000
+    response = await client.post("/predict", files={"file": ("big.png", buffer.getvalue())})
+    assert response.status_code == 413 and response.json()["error_code"] == "PAYLOAD_TOO_LARGE"
+    response = await client.post(
+        "/invocations", content=b"{" + b" " * 9_000_000 + b"}", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 413
+
+
+def seed_payload(*colors: tuple[int, int, int]) -> dict:
+    return {"inputs": [np.full((224, 224, 3), np.array(c) / 255, np.float32).tolist() for c in colors]}
+
+
+async def test_invocations_seed_payload(client: httpx.AsyncClient) -> None:
+    payload = seed_payload((250, 220, 20), (40, 150, 30))
+    response = await client.post("/invocations", json=payload)
+    assert response.status_code == 200, response.text
+    predictions = np.array(response.json()["predictions"])
+    expected = yellowness(np.array(payload["inputs"], np.float32))
+    np.testing.assert_allclose(predictions, expected, atol=1e-6)
+    assert predictions.argmax(axis=1).tolist() == [0, 1]
+
+
+async def test_invocations_all_formats_agree(client: httpx.AsyncClient) -> None:
+    image = np.full((224, 224, 3), 0.3, np.float32)
+    image[..., 2] = 0.1
+    flat = image.reshape(-1).tolist()
+    payloads = [
+        {"inputs": [image.tolist()]},
+        {"instances": [image.tolist()]},
+        {"inputs": [image.tolist()], "params": {"anything": 1}},
+        {"dataframe_split": {"columns": [str(i) for i in range(len(flat))], "data": [flat]}},
+        {"dataframe_records": [{str(i): v for i, v in enumerate(flat)}]},
+    ]
+    answers = []
+    for payload in payloads:
+        response = await client.post(
+            "/invocations", content=orjson.dumps(payload), headers={"content-type": "application/json; charset=utf-8"}
+        )
+        assert response.status_code == 200, (list(payload), response.text)
+        answers.append(response.json()["predictions"])
+    for answer in answers[1:]:
+        np.testing.assert_allclose(answer, answers[0], atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (b"", 400),
+        (b"{not json", 400),
+        (b"[1, 2, 3]", 400),
+        (b'{"data": [1]}', 400),
+        (b'{"inputs": [], "instances": []}', 400),
+        (b'{"inputs": [[[0.1, 0.2, 0.3]]]}', 400),
+        (b'{"inputs": [["a", "b"]]}', 400),
+        (b'{"inputs": null}', 400),
+        (b'{"inputs": [NaN]}', 400),
+        (b'{"inputs": [1e999]}', 400),
+        (b'{"inputs": {"image": [1]}}', 400),
+        (b'"just a string"', 400),
+        (b"[" * 5000 + b"]" * 5000, 400),
+    ],
+)
+async def test_invocations_bad_input(client: httpx.AsyncClient, body: bytes, status: int) -> None:
+    response = await client.post("/invocations", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()
+    assert set(error) == {"error_code", "message"}
+    assert body[:40].decode(errors="ignore") not in error["message"] or len(body) < 3
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "text/csv",
+        "application/x-www-form-urlencoded",
+        "application/json; charset=latin-1",
+        "application/json; format=pandas-split",
+        None,
+    ],
+)
+async def test_invocations_content_types(client: httpx.AsyncClient, content_type: str | None) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    response = await client.post("/invocations", content=orjson.dumps(seed_payload((0, 0, 0))), headers=headers)
+    assert response.status_code == 415
+    assert response.json()["error_code"] == "UNSUPPORTED_MEDIA_TYPE"
+
+
+async def test_too_many_instances(client: httpx.AsyncClient) -> None:
+    response = await client.post("/invocations", json=seed_payload(*[(0, 0, 0)] * 9))
+    assert response.status_code == 413
+
+
+async def test_probes_model_and_version(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/health/live")).json() == {"status": "alive"}
+    ready = await client.get("/health/ready")
+    assert ready.status_code == 200 and ready.json()["model"]["version"] == "1"
+    for path in ("/ping", "/health"):
+        response = await client.get(path)
+        assert response.status_code == 200 and response.text == "\n"
+    assert (await client.get("/version")).text.count(".") >= 1
+    info = (await client.get("/model")).json()
+    assert info["labels"] == ["dandelion", "grass"]
+    assert info["input_shape"] == [-1, 224, 224, 3]
+    assert info["run_id"] == "run-1" and info["alias"] == "champion" and info["loaded_at"]
+    openapi = (await client.get("/openapi.json")).json()
+    assert {"/predict", "/invocations", "/model", "/health/ready"} <= set(openapi["paths"])
+
+
+def metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_metrics_move_with_traffic(client: httpx.AsyncClient) -> None:
+    before = (await client.get("/metrics")).text
+    await client.post("/predict", files={"file": ("a.png", YELLOW)})
+    await client.post("/predict", files={"file": ("b.png", GREEN)})
+    await client.post("/predict", files={"file": ("c.png", b"nope")})
+    await client.get("/health/ready")
+    after = (await client.get("/metrics")).text
+    assert (
+        metric(after, 'model_predictions_total{label="dandelion"}')
+        == metric(before, 'model_predictions_total{label="dandelion"}') + 1
+    )
+    assert (
+        metric(after, 'model_predictions_total{label="grass"}')
+        == metric(before, 'model_predictions_total{label="grass"}') + 1
+    )
+    assert metric(after, "model_prediction_confidence_count") == 2
+    assert metric(after, "model_inference_seconds_count") >= 2
+    assert 'model_info{alias="champion",name="fake-model",run_id="run-1",version="1"} 1.0' in after
+    assert "model_ready 1.0" in after
+    assert metric(after, 'http_requests_total{handler="/predict",method="POST",status="2xx"}') == 2
+    assert metric(after, 'http_requests_total{handler="/predict",method="POST",status="4xx"}') == 1
+    assert 'handler="/health/ready"' not in after and 'handler="/metrics"' not in after
+    assert "http_request_duration_seconds_bucket" in after and "model_batch_size_bucket" in after
+    assert "process_resident_memory_bytes" in after
+
+
+async def test_not_ready_until_the_registry_answers(api_settings: ApiSettings) -> None:
+    source = FakeSource(fail=True)
+    app = create_app(api_settings, source=source)
+    async with (
+        LifespanManager(app) as manager,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://api") as c,
+    ):
+        await asyncio.sleep(0.3)
+        assert (await c.get("/health/live")).status_code == 200
+        not_ready = await c.get("/health/ready")
+        assert not_ready.status_code == 503 and "registry unreachable" in not_ready.json()["last_error"]
+        response = await c.post("/predict", files={"file": ("a.png", YELLOW)})
+        assert response.status_code == 503 and response.json()["error_code"] == "MODEL_NOT_READY"
+        assert (await c.post("/invocations", json=seed_payload((0, 0, 0)))).status_code == 503
+        assert (await c.get("/ping")).status_code == 503
+        assert metric((await c.get("/metrics")).text, "model_load_failures_total") >= 2
+        source.fail = False
+        await wait_ready(c)
+        assert (await c.post("/predict", files={"file": ("a.png", YELLOW)})).status_code == 200
+
+
+async def test_new_version_swapped_in_without_failures(client: httpx.AsyncClient, source: FakeSource) -> None:
+    async def hammer(n: int) -> list[tuple[int, str]]:
+        out = []
+        for _ in range(n):
+            r = await client.post("/predict", files={"file": ("a.png", GREEN)})
+            out.append((r.status_code, r.json()["model"]["version"]))
+            await asyncio.sleep(0.005)
+        return out
+
+    task = asyncio.create_task(hammer(60))
+    await asyncio.sleep(0.05)
+    source.version = "2"
+    results = await task
+    assert all(status == 200 for status, _ in results)
+    versions = [v for _, v in results]
+    assert versions[0] == "1" and versions[-1] == "2"
+    assert versions == sorted(versions), "never back to the old model once the new one serves"
+    assert (await client.get("/model")).json()["version"] == "2"
+
+
+async def test_registry_down_while_serving_keeps_the_model(client: httpx.AsyncClient, source: FakeSource) -> None:
+    source.fail = True
+    await asyncio.sleep(0.3)
+    response = await client.post("/predict", files={"file": ("a.png", GREEN)})
+    assert response.status_code == 200 and response.json()["model"]["version"] == "1"
+    assert (await client.get("/health/ready")).status_code == 200
+    source.fail = False
+    source.version = "5"
+    for _ in range(100):
+        if (await client.get("/model")).json()["version"] == "5":
+            break
+        await asyncio.sleep(0.02)
+    assert (await client.get("/model")).json()["version"] == "5"
+
+
+async def test_unknown_route_is_json(client: httpx.AsyncClient) -> None:
+    response = await client.get("/nope")
+    assert response.status_code == 404 and response.json()["error_code"] == "NOT_FOUND"
+
+
+async def test_cors_closed_by_default(client: httpx.AsyncClient) -> None:
+    response = await client.options(
+        "/predict", headers={"origin": "https://evil.example", "access-control-request-method": "POST"}
+    )
+    assert "access-control-allow-origin" not in response.headers
