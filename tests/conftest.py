@@ -182,3 +182,56 @@ def registry_settings(mlflow_server: str, s3_endpoint: str) -> RegistrySettings:
         experiment=f"exp-{uuid.uuid4().hex[:8]}",
         model_name=f"dandelion-grass-{uuid.uuid4().hex[:8]}",
     )
+
+
+@pytest.fixture(scope="session")
+def real_champion(databases: Databases, s3_endpoint: str, mlflow_server: str, data_dir: Path, tmp_path_factory):
+    """A model trained on the real photos, registered on the real tracking server behind ``champion``.
+
+    Shorter than the production recipe (the suite has minutes, not hours) but the same code path:
+    ingest -> features -> train -> register -> gate.
+    """
+    import asyncio
+
+    from services.trainer.features import build_features
+    from services.trainer.ingest import ingest
+    from services.trainer.train import train_and_register
+
+    settings = TrainerSettings(
+        store=ObjectStoreSettings(
+            url="s3://champion/data",
+            endpoint_url=s3_endpoint,
+            access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+            secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        ),
+        database=DatabaseSettings(url=f"mysql+asyncmy://root@{MYSQL_HOST}:{MYSQL_PORT}/{databases.create()}"),
+        registry=RegistrySettings(
+            tracking_uri=mlflow_server,
+            s3_endpoint_url=s3_endpoint,
+            experiment="champion",
+            model_name="dandelion-grass-champion",
+        ),
+        data_source=str(data_dir),
+        epochs=int(os.environ.get("TEST_CHAMPION_EPOCHS", "20")),
+        promotion_floor=0.6,
+    )
+    asyncio.run(ingest(settings, progress=False))
+    asyncio.run(build_features(settings, progress=False))
+    result = train_and_register(settings, progress=False)
+    assert result.decision.promote, result.decision.reason
+    return settings, result
+
+
+def api_env(registry: RegistrySettings, **extra: str) -> dict[str, str]:
+    """Environment for ``python -m services.api`` serving ``registry``'s model."""
+    env = {
+        **AWS_ENV,
+        "MLFLOW_TRACKING_URI": registry.tracking_uri,
+        "MODEL_NAME": registry.model_name,
+        "MODEL_ALIAS": registry.model_alias,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    if registry.s3_endpoint_url:
+        env["MLFLOW_S3_ENDPOINT_URL"] = registry.s3_endpoint_url
+    env.update(extra)
+    return env

@@ -101,14 +101,16 @@ def _tensor(value: Any, key: str) -> np.ndarray:
 
 
 def _frame_rows(rows: np.ndarray, what: str) -> np.ndarray:
-    """As MLflow reshapes a data frame for a single tensor input: one row per image, flattened."""
+    """As MLflow reshapes a data frame for a single unnamed tensor input: one flattened image per row.
+
+    (``mlflow models serve`` computes the same answer, but parsing a 150,528-column frame with pandas
+    takes it longer than its 60 s request timeout; a one-column frame of nested images it refuses.)
+    """
     if rows.ndim == 2 and rows.shape[1] == IMAGE_VALUES:
         return rows.reshape(-1, *IMAGE_SHAPE)
-    if rows.ndim >= 3 and rows.shape[1] == 1:  # one column whose cells are images
-        return _as_images(rows[:, 0], what)
     raise BadRequest(
-        f"{what} has shape {tuple(rows.shape)}; each row must hold one {MODEL_SIZE}x{MODEL_SIZE}x3 image "
-        f"({IMAGE_VALUES} columns)"
+        f"{what} has shape {tuple(rows.shape)}; each row must be one flattened {MODEL_SIZE}x{MODEL_SIZE}x3 "
+        f"image ({IMAGE_VALUES} columns)"
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +70,12 @@ class ModelSource(Protocol):
 class MlflowSource:
     def __init__(self, settings: RegistrySettings) -> None:
         self.settings = settings
+        # The runtime retries with its own backoff and keeps serving meanwhile; MLflow's default of
+        # seven retries per call would hide an outage for minutes. Explicit settings still win.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        if settings.s3_endpoint_url:
+            os.environ["MLFLOW_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
 
     def _client(self):
         from mlflow import MlflowClient
@@ -83,10 +90,6 @@ class MlflowSource:
         import mlflow
         from mlflow.models import Model
 
-        if self.settings.s3_endpoint_url:
-            import os
-
-            os.environ["MLFLOW_S3_ENDPOINT_URL"] = self.settings.s3_endpoint_url
         mlflow.set_tracking_uri(self.settings.tracking_uri)
         uri = f"models:/{self.settings.model_name}/{version}"
         with tempfile.TemporaryDirectory(prefix="model-") as tmp:

@@ -1,0 +1,267 @@
+"""The real API process against a real MLflow server holding a model trained on the real photos,
+compared with a real ``mlflow models serve`` on the same registered model."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import mlflow
+import numpy as np
+import orjson
+import pytest
+from mlflow import MlflowClient
+from mlflow.pyfunc.scoring_server.client import ScoringServerClient
+
+from shared.images import preprocess
+from tests.api.process import api_process
+from tests.conftest import ARTIFACTS, api_env
+from tests.servers import VENV_BIN, TcpProxy, free_port, running
+
+pytestmark = pytest.mark.slow
+
+
+def photos(data_dir: Path, label: str, n: int, seed: int = 7) -> list[Path]:
+    paths = sorted((data_dir / label).glob("*.jpg"))
+    return random.Random(seed).sample(paths, n)
+
+
+@pytest.fixture(scope="module")
+def champion_registry(real_champion):
+    settings, _ = real_champion
+    return settings.registry
+
+
+@pytest.fixture(scope="module")
+def api(champion_registry) -> Iterator[str]:
+    with api_process(api_env(champion_registry, API_POLL_INTERVAL_S="1"), ARTIFACTS / "api.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def mlflow_serve(champion_registry) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**api_env(champion_registry), "MLFLOW_TRACKING_URI": champion_registry.tracking_uri}
+    with running(
+        [
+            str(VENV_BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            f"models:/{champion_registry.model_name}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        ready=lambda: httpx.get(f"{url}/ping", timeout=2).status_code == 200,
+        log=ARTIFACTS / "mlflow-models-serve.log",
+        env=env,
+        timeout=180,
+        what="mlflow models serve",
+    ):
+        yield url
+
+
+def test_predict_real_photos_of_each_class(api: str, data_dir: Path) -> None:
+    for label in ("dandelion", "grass"):
+        answers = []
+        for path in photos(data_dir, label, 12):
+            response = httpx.post(f"{api}/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+            assert response.status_code == 200, response.text
+            answers.append(response.json())
+        right = sum(a["label"] == label for a in answers)
+        assert right >= 9, f"{label}: only {right}/12 right; the label order or the model is broken"
+        for answer in answers:
+            assert answer["model"] == {"name": "dandelion-grass-champion", "version": "1"}
+            assert set(answer["probabilities"]) == {"dandelion", "grass"}
+            assert abs(sum(answer["probabilities"].values()) - 1) < 1e-5
+
+
+def test_model_endpoint_describes_the_champion(api: str, real_champion) -> None:
+    _, result = real_champion
+    info = httpx.get(f"{api}/model").json()
+    assert info["version"] == result.version
+    assert info["run_id"] == result.run_id
+    assert info["labels"] == ["dandelion", "grass"]
+    assert info["alias"] == "champion"
+    assert info["input_shape"] == [-1, 224, 224, 3]
+
+
+def seed_inputs(data_dir: Path, n_per_class: int) -> np.ndarray:
+    paths = photos(data_dir, "dandelion", n_per_class, 1) + photos(data_dir, "grass", n_per_class, 2)
+    return np.stack([preprocess(p.read_bytes()) for p in paths])
+
+
+def post(url: str, payload: bytes | dict, content_type: str = "application/json") -> httpx.Response:
+    body = payload if isinstance(payload, bytes) else orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    return httpx.post(f"{url}/invocations", content=body, headers={"content-type": content_type}, timeout=120)
+
+
+def test_invocations_equal_mlflow_models_serve(api: str, mlflow_serve: str, data_dir: Path) -> None:
+    x = seed_inputs(data_dir, 2)
+    flat = x[0].reshape(-1)
+    payloads = {
+        "seed single": {"inputs": [x[0].tolist()]},
+        "seed batch": {"inputs": x.tolist()},
+        "instances": {"instances": x[:2].tolist()},
+        "with params": {"inputs": x[:1].tolist(), "params": {"threshold": 0.5}},
+    }
+    for name, payload in payloads.items():
+        ours, theirs = post(api, payload), post(mlflow_serve, payload)
+        assert theirs.status_code == 200, (name, theirs.text[:300])
+        assert ours.status_code == 200, (name, ours.text[:300])
+        a, b = np.array(ours.json()["predictions"]), np.array(theirs.json()["predictions"])
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
+
+    # A frame with one flattened image per row is reshaped as MLflow reshapes it. mlflow models serve
+    # itself needs longer than its 60 s timeout to parse 150,528 columns, so compare with `inputs`.
+    frame = {"dataframe_split": {"columns": list(range(flat.size)), "data": [flat.tolist()]}}
+    records = {"dataframe_records": [dict(zip(map(str, range(flat.size)), flat.tolist(), strict=True))]}
+    expected = np.array(post(mlflow_serve, {"inputs": x[:1]}).json()["predictions"])
+    for payload in (frame, records):
+        response = post(api, payload)
+        assert response.status_code == 200, response.text[:300]
+        np.testing.assert_allclose(response.json()["predictions"], expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"{not json", "application/json"),
+        (b"[1, 2]", "application/json"),
+        (b'{"nothing": 1}', "application/json"),
+        (b'{"inputs": [[1.0, 2.0]]}', "application/json"),
+        (b'{"inputs": [], "instances": []}', "application/json"),
+        (b'{"inputs": [[[0.1, 0.2, 0.3]]]}', "application/json"),
+        (b'{"inputs": [[[[0.1, 0.2, 0.3]]]]}', "application/json"),
+        (b'{"inputs": null}', "application/json"),
+        (b'{"dataframe_split": {"columns": ["a", "b"], "data": [[1, 2]]}}', "application/json"),
+        (b'{"dataframe_records": [{"image": [[[0.1, 0.2, 0.3]]]}]}', "application/json"),
+        (b'{"inputs": [1]}', "application/json; charset=latin-1"),
+        (b'{"inputs": [1]}', "application/json; format=pandas-split"),
+        (b'{"inputs": [1]}', "application/xml"),
+    ],
+)
+def test_errors_agree_with_mlflow_models_serve(api: str, mlflow_serve: str, body: bytes, content_type: str) -> None:
+    ours, theirs = post(api, body, content_type), post(mlflow_serve, body, content_type)
+    assert 400 <= theirs.status_code < 500, theirs.text[:200]
+    assert ours.status_code == theirs.status_code, (ours.text[:200], theirs.text[:200])
+    error = ours.json()
+    assert set(error) == {"error_code", "message"}
+    assert body.decode() not in error["message"]
+
+
+def test_mlflow_scoring_client_unchanged(api: str, mlflow_serve: str, data_dir: Path) -> None:
+    x = seed_inputs(data_dir, 1)
+    results = {}
+    for url in (api, mlflow_serve):
+        parsed = urlparse(url)
+        client = ScoringServerClient(parsed.hostname, parsed.port)
+        client.wait_server_ready(timeout=30)
+        assert client.get_version()
+        results[url] = np.asarray(client.invoke(x).get_predictions(predictions_format="ndarray"))
+    np.testing.assert_allclose(results[api], results[mlflow_serve], atol=1e-5, rtol=0)
+
+
+def metric(text: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def test_metrics_move_with_traffic(api: str, data_dir: Path) -> None:
+    before = httpx.get(f"{api}/metrics").text
+    path = photos(data_dir, "grass", 1, 3)[0]
+    for _ in range(3):
+        assert httpx.post(f"{api}/predict", files={"file": (path.name, path.read_bytes())}).status_code == 200
+    after = httpx.get(f"{api}/metrics").text
+    assert metric(after, "model_predictions_total") == metric(before, "model_predictions_total") + 3
+    assert metric(after, "model_inference_seconds_count") >= metric(before, "model_inference_seconds_count") + 3
+    handler = 'http_requests_total{handler="/predict",method="POST",status="2xx"}'
+    assert metric(after, handler) == metric(before, handler) + 3
+    assert 'model_info{alias="champion",name="dandelion-grass-champion"' in after
+
+
+def test_new_champion_served_within_the_poll_interval(champion_registry, real_champion) -> None:
+    """A second version promoted while the API runs is served with zero failed requests around the swap."""
+    _, result = real_champion
+    client = MlflowClient(champion_registry.tracking_uri)
+    source = client.get_model_version(champion_registry.model_name, result.version).source
+    name = "swap-test"
+    mlflow.set_tracking_uri(champion_registry.tracking_uri)
+    first = mlflow.register_model(source, name)
+    client.set_registered_model_alias(name, "champion", first.version)
+    registry = champion_registry.model_copy(update={"model_name": name})
+    with api_process(api_env(registry, API_POLL_INTERVAL_S="1"), ARTIFACTS / "api-swap.log") as url:
+        seen: list[tuple[int, str]] = []
+        stop = threading.Event()
+        payload = orjson.dumps({"inputs": [np.full((224, 224, 3), 0.4, np.float32)]}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+        def traffic() -> None:
+            with httpx.Client(timeout=30) as http:
+                while not stop.is_set():
+                    r = http.post(f"{url}/invocations", content=payload, headers={"content-type": "application/json"})
+                    seen.append((r.status_code, r.headers.get("x-model-version", "")))
+
+        worker = threading.Thread(target=traffic)
+        worker.start()
+        time.sleep(1.0)
+        second = mlflow.register_model(source, name)
+        client.set_registered_model_alias(name, "champion", second.version)
+        promoted_at = time.monotonic()
+        served_at = None
+        while time.monotonic() - promoted_at < 60:
+            if httpx.get(f"{url}/model").json()["version"] == second.version:
+                served_at = time.monotonic()
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)
+        stop.set()
+        worker.join()
+    assert served_at is not None, "the new champion was not served within 60 s"
+    print(f"new champion served {served_at - promoted_at:.2f} s after promotion (poll interval 1 s)")
+    assert all(status == 200 for status, _ in seen), {s for s, _ in seen}
+    versions = [v for _, v in seen]
+    assert versions[0] == first.version and versions[-1] == second.version
+    assert versions == sorted(versions, key=int), "no response from the old model after the new one served"
+
+
+def test_registry_down_at_start_then_back(champion_registry, mlflow_server: str) -> None:
+    """Not ready while the registry is unreachable; ready by itself once it answers."""
+    target = urlparse(mlflow_server)
+    proxy = TcpProxy(target.hostname, target.port)
+    registry = champion_registry.model_copy(update={"tracking_uri": f"http://127.0.0.1:{proxy.port}"})
+    env = api_env(registry, API_RETRY_INITIAL_S="0.2", API_RETRY_MAX_S="1", API_POLL_INTERVAL_S="1")
+    with api_process(env, ARTIFACTS / "api-registry-down.log", wait_ready=False) as url:
+        assert httpx.get(f"{url}/health/live").status_code == 200
+        deadline = time.monotonic() + 60
+        while not (not_ready := httpx.get(f"{url}/health/ready")).json().get("last_error"):
+            assert not_ready.status_code == 503
+            assert time.monotonic() < deadline, "no load attempt failed within 60 s"
+            time.sleep(0.2)
+        assert not_ready.status_code == 503
+        assert metric(httpx.get(f"{url}/metrics").text, "model_load_failures_total") >= 1
+        proxy.start()
+        try:
+            deadline = time.monotonic() + 60
+            while httpx.get(f"{url}/health/ready").status_code != 200:
+                assert time.monotonic() < deadline, "did not become ready after the registry came back"
+                time.sleep(0.2)
+            # Registry down again while serving: the current model keeps answering.
+            proxy.stop()
+            time.sleep(2.5)
+            x = {"inputs": [np.full((224, 224, 3), 0.5, np.float32)]}
+            assert post(url, x).status_code == 200
+            assert httpx.get(f"{url}/health/ready").status_code == 200
+        finally:
+            proxy.stop()
