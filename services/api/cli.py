@@ -21,14 +21,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        "services.api.app:create_app",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=25,
-        access_log=False,
-    )
+    options = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": settings.log_level,
+        "timeout_graceful_shutdown": GRACE_S,
+        "access_log": False,
+    }
+    if args.workers > 1:
+        # Each worker process builds its own app (and loads its own model).
+        uvicorn.run("services.api.app:create_app", factory=True, workers=args.workers, **options)
+        return 0
+    from services.api.app import create_app
+
+    app = create_app(settings)
+    _GracefulServer(uvicorn.Config(app, **options), app).run()
     return 0
+
+
+GRACE_S = 25
+"""In-flight requests get this long after SIGTERM (Kubernetes' terminationGracePeriodSeconds is 30)."""
+
+
+class _GracefulServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: readiness turns false at once, then uvicorn's graceful shutdown runs
+    (no new connections, in-flight requests finish, the lifespan drains the batch queue), exit 0."""
+
+    def __init__(self, config: uvicorn.Config, app) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig: int, frame) -> None:
+        self._app.state.shutting_down = True
+        self._app.state.metrics.ready.set(0)
+        super().handle_exit(sig, frame)

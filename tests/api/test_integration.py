@@ -265,3 +265,56 @@ def test_registry_down_at_start_then_back(champion_registry, mlflow_server: str)
             assert httpx.get(f"{url}/health/ready").status_code == 200
         finally:
             proxy.stop()
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_zero(champion_registry, data_dir: Path) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (ARTIFACTS / "api-sigterm.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.api", "--host", "127.0.0.1", "--port", str(port)],
+        env={**os.environ, **api_env(champion_registry)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "the API did not become ready"
+            time.sleep(0.2)
+        body = orjson.dumps({"inputs": seed_inputs(data_dir, 4)}, option=orjson.OPT_SERIALIZE_NUMPY)
+        head = (
+            f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        connections = []
+        for _ in range(4):  # whole requests on the wire before the signal: in flight, not yet answered
+            conn = socket.create_connection(("127.0.0.1", port), timeout=60)
+            conn.sendall(head + body)
+            connections.append(conn)
+        time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        statuses = []
+        for conn in connections:
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+            conn.close()
+            statuses.append(int(answer.split(b" ", 2)[1]))
+        assert statuses == [200, 200, 200, 200]
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
