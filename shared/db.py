@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from shared.settings import DatabaseSettings
@@ -33,5 +35,12 @@ async def open_database(settings: DatabaseSettings) -> AsyncIterator[async_sessi
         async with engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
         yield async_sessionmaker(engine, expire_on_commit=False)
+    except (OperationalError, InterfaceError, OSError) as exc:
+        # Connection-level failures (server down, restarted, unreachable): one clear line for operators.
+        detail = str(getattr(exc, "orig", None) or exc).splitlines()[0][:300]
+        raise DatabaseError(
+            f"the database is unavailable ({make_url(settings.url.get_secret_value()).host or 'local'}): {detail}"
+        ) from exc
     finally:
-        await engine.dispose()
+        with contextlib.suppress(Exception):
+            await engine.dispose()

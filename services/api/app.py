@@ -18,7 +18,7 @@ from services.api.batching import Batcher
 from services.api.errors import ApiError, PayloadTooLarge
 from services.api.metrics import HTTP_LATENCY_BUCKETS, ApiMetrics
 from services.api.responses import JSONResponse
-from services.api.routes import health, invocations, model, predict
+from services.api.routes import health, invocations, model, page, predict
 from services.api.runtime import MlflowSource, ModelRuntime, ModelSource
 from services.api.service import Classifier
 from services.api.settings import ApiSettings
@@ -72,7 +72,7 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
     app.state.metrics = metrics
     app.state.shutting_down = False
 
-    for router in (predict.router, invocations.router, model.router, health.router):
+    for router in (predict.router, invocations.router, model.router, health.router, page.router):
         app.include_router(router)
 
     _install_error_handlers(app)

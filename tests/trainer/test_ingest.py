@@ -15,10 +15,11 @@ from sqlalchemy import func, select
 from services.trainer.cli import main
 from services.trainer.ingest import SourceError, ingest
 from services.trainer.settings import TrainerSettings
-from shared.db import open_database
-from shared.storage import open_store
+from shared.db import DatabaseError, open_database
+from shared.settings import DatabaseSettings
+from shared.storage import ObjectStoreError, open_store
 from shared.tables import ImageRow
-from tests.servers import free_port
+from tests.servers import TcpProxy, free_port
 
 CORRUPT_INDEX = ("dandelion", "00000002.jpg")  # an index the mirror does not have
 
@@ -164,3 +165,65 @@ def test_rows_only_for_objects(stack_settings: TrainerSettings, data_dir: Path) 
             return n_rows, len(await store.list("raw/"))
 
     assert asyncio.run(counts()) == (20, 20)
+
+
+def _proxied(settings: TrainerSettings, s3: TcpProxy | None = None, db: TcpProxy | None = None) -> TrainerSettings:
+    update = {}
+    if s3 is not None:
+        update["store"] = settings.store.model_copy(update={"endpoint_url": f"http://127.0.0.1:{s3.port}"})
+    if db is not None:
+        url = settings.database.url.get_secret_value().replace(":3306/", f":{db.port}/")
+        update["database"] = DatabaseSettings(url=url)
+    return settings.model_copy(update=update)
+
+
+async def _consistent(settings: TrainerSettings) -> tuple[int, int]:
+    """(rows, objects); every row's object exists."""
+    async with open_database(settings.database) as sessions, sessions() as session:
+        rows = list((await session.scalars(select(ImageRow))).all())
+    async with open_store(settings.store) as store:
+        keys = set(await store.list("raw/"))
+    assert {r.object_key for r in rows} <= keys, "a row without its object"
+    assert len({r.sha256 for r in rows}) == len(rows)
+    return len(rows), len(keys)
+
+
+@pytest.mark.parametrize("which", ["s3", "database"])
+def test_outage_mid_ingest_then_rerun_completes(stack_settings: TrainerSettings, data_dir: Path, which: str) -> None:
+    s3_host, s3_port = stack_settings.store.endpoint_url.removeprefix("http://").split(":")
+    s3 = TcpProxy(s3_host, int(s3_port)).start()
+    db = TcpProxy("127.0.0.1", 3306).start()
+    settings = _proxied(stack_settings, s3=s3, db=db)
+    settings = settings.model_copy(update={"download_concurrency": 4})
+    broken = s3 if which == "s3" else db
+
+    stored = 0
+
+    def outage_after_some(row: ImageRow) -> None:
+        nonlocal stored
+        stored += 1
+        if stored == 40:
+            broken.stop()
+
+    expected = (ObjectStoreError,) if which == "s3" else (DatabaseError,)
+    try:
+        with pytest.raises(expected):
+            asyncio.run(ingest(settings, str(data_dir), progress=False, on_stored=outage_after_some))
+    finally:
+        s3.stop()
+        db.stop()
+    rows, _ = asyncio.run(_consistent(stack_settings))
+    assert 40 <= rows < 320
+
+    rerun = asyncio.run(ingest(stack_settings, str(data_dir), progress=False))
+    assert rerun.new == 320 - rows
+    assert asyncio.run(_consistent(stack_settings)) == (320, 320)
+
+
+def test_cli_says_which_dependency_is_down(stack_settings: TrainerSettings, monkeypatch, capsys, data_dir) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"mysql+asyncmy://root@127.0.0.1:{free_port()}/nothing")
+    monkeypatch.setenv("OBJECT_STORE_URL", stack_settings.store.url)
+    monkeypatch.setenv("S3_ENDPOINT_URL", stack_settings.store.endpoint_url or "")
+    assert main(["ingest", "--quiet", "--source", str(data_dir), "--per-class", "2"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: the database is unavailable")

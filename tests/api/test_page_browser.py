@@ -1,0 +1,320 @@
+"""The upload page in headless Chromium against the real API process serving a model trained on the real photos.
+
+Debian's ``chromium`` package driven by Playwright (``executable_path``; Playwright's own browser download is not
+used). The test starts the API and the browser itself and stops both; screenshots go to the test artifacts.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+
+try:
+    from playwright.sync_api import Browser, Page, sync_playwright
+except ImportError as exc:  # pragma: no cover - a clear message instead of a bare import error
+    raise ImportError("the browser test needs Playwright: pip install playwright (no `playwright install`)") from exc
+
+from tests.api.process import api_process
+from tests.conftest import ARTIFACTS, api_env
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WAIT_MS = 90_000  # the first real inference warms TensorFlow up on a busy 2-core machine
+CLASSES = ["dandelion", "grass"]
+SETTLED = "#results .card:not([data-state='pending'])"
+
+
+@pytest.fixture(scope="module")
+def champion(real_champion):
+    settings, _ = real_champion
+    return settings.registry
+
+
+@pytest.fixture(scope="module")
+def api(champion) -> Iterator[str]:
+    with api_process(api_env(champion, API_POLL_INTERVAL_S="5"), ARTIFACTS / "api-page.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def photos(api: str, data_dir: Path) -> dict[str, Path]:
+    """For each class, the first photo (sorted) the model labels right with confidence >= 0.7.
+
+    So the browser test checks the page, not the model's accuracy (test_integration measures that).
+    """
+    chosen: dict[str, Path] = {}
+    with httpx.Client(base_url=api, timeout=60) as client:
+        for label in ("dandelion", "grass"):
+            for path in sorted((data_dir / label).glob("*.jpg"))[:40]:
+                response = client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
+                assert response.status_code == 200, response.text
+                body = response.json()
+                if body["label"] == label and body["confidence"] >= 0.7:
+                    chosen[label] = path
+                    break
+            else:
+                pytest.fail(f"the model labels none of the first 40 {label} photos right with confidence >= 0.7")
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def model(api: str) -> dict[str, str]:
+    return httpx.get(f"{api}/model", timeout=10).json()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.is_file():
+        pytest.fail(
+            f"Chromium is not at {CHROMIUM}: install Debian's package "
+            "(apt-get install -y --no-install-recommends chromium) or set CHROMIUM_PATH"
+        )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class Recorded:
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str]] = []
+        self.page_errors: list[str] = []
+        self.console_errors: list[str] = []
+
+
+@pytest.fixture
+def recorded() -> Recorded:
+    return Recorded()
+
+
+def open_page(browser: Browser, api: str, recorded: Recorded, width: int = 1200, height: int = 900) -> Page:
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.set_default_timeout(WAIT_MS)
+    # Intercept file choosers from the start: Playwright turns interception on without waiting, so a chooser
+    # opened right after ``expect_file_chooser`` may otherwise become a real (headless, never-closing) dialog.
+    page.on("filechooser", lambda chooser: None)
+    page.on("request", lambda r: recorded.requests.append((r.method, r.url)))
+    page.on("pageerror", lambda e: recorded.page_errors.append(str(e)))
+    page.on("console", lambda m: recorded.console_errors.append(m.text) if m.type == "error" else None)
+    response = page.goto(f"{api}/")
+    assert response is not None and response.status == 200
+    return page
+
+
+@pytest.fixture
+def page(browser: Browser, api: str, recorded: Recorded) -> Iterator[Page]:
+    page = open_page(browser, api, recorded)
+    yield page
+    page.close()
+    check_traffic(api, recorded)
+
+
+def check_traffic(api: str, recorded: Recorded) -> None:
+    """Only this server is contacted; besides the page and its assets, only POST /predict; no script errors."""
+    origin = urlparse(api)
+    for method, url in recorded.requests:
+        parsed = urlparse(url)
+        if parsed.scheme == "blob":
+            continue
+        assert (parsed.scheme, parsed.netloc) == (origin.scheme, origin.netloc), f"the page contacted {url}"
+        assert (method, parsed.path) == ("POST", "/predict") or (
+            method == "GET" and (parsed.path == "/" or parsed.path.startswith("/static/"))
+        ), f"the page made an unexpected request: {method} {url}"
+    assert recorded.page_errors == []
+    # The browser logs failed requests (the refused text file) as console errors; nothing else may be logged.
+    assert [m for m in recorded.console_errors if "Failed to load resource" not in m] == []
+
+
+def settle(page: Page, count: int) -> None:
+    page.wait_for_function(f"n => document.querySelectorAll({SETTLED!r}).length >= n", arg=count, timeout=WAIT_MS)
+
+
+def cards(page: Page) -> list[dict]:
+    return page.eval_on_selector_all(
+        "#results .card",
+        """cards => cards.map(c => ({
+            state: c.dataset.state,
+            label: c.dataset.label || null,
+            filename: c.querySelector('.filename').textContent,
+            verdict: c.querySelector('.label').textContent,
+            spoken: c.querySelector('.verdict').textContent,
+            error: c.querySelector('.error').hidden ? null : c.querySelector('.error').innerText,
+            model: c.querySelector('.model')?.textContent ?? null,
+            timing: c.querySelector('.timing')?.textContent ?? null,
+            meta: c.querySelector('.meta').textContent,
+            preview: c.querySelector('.thumb').naturalWidth > 0,
+            bars: Array.from(c.querySelectorAll('[role=meter]')).map(m => ({
+                cls: m.dataset.class, now: Number(m.getAttribute('aria-valuenow')),
+                text: m.getAttribute('aria-valuetext')})),
+        }))""",
+    )
+
+
+def predictions(recorded: Recorded) -> int:
+    return sum(1 for method, url in recorded.requests if method == "POST" and urlparse(url).path == "/predict")
+
+
+def assert_classified(card: dict, label: str, model: dict[str, str]) -> None:
+    assert card["state"] == "done", card
+    assert card["label"] == label
+    assert card["verdict"] == label.capitalize()
+    assert card["spoken"] == f"{label.capitalize()}, {card['bars'][CLASSES.index(label)]['text']} confidence"
+    assert card["model"] == f"Model {model['name']} v{model['version']}"
+    assert re.fullmatch(r"\d+ ms", card["timing"]), card["timing"]
+    assert card["preview"], "the card shows a preview of the photo"
+    assert [b["cls"] for b in card["bars"]] == CLASSES
+    assert sum(b["now"] for b in card["bars"]) == pytest.approx(100, abs=0.2)
+    winner = next(b for b in card["bars"] if b["cls"] == label)
+    assert winner["now"] >= 70 and winner["text"] == f"{winner['now']:.1f}%"
+
+
+def test_real_photos_get_their_labels(page: Page, photos: dict[str, Path], model: dict[str, str], recorded) -> None:
+    page.set_input_files("#file", str(photos["dandelion"]))
+    settle(page, 1)
+    page.set_input_files("#file", str(photos["grass"]))
+    settle(page, 2)
+    newest, oldest = cards(page)
+    assert newest["filename"] == photos["grass"].name and oldest["filename"] == photos["dandelion"].name
+    assert_classified(oldest, "dandelion", model)
+    assert_classified(newest, "grass", model)
+    assert predictions(recorded) == 2
+
+
+def test_a_text_file_gets_a_clear_error(page: Page, tmp_path: Path, recorded) -> None:
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("these are my notes, not a photo\n")
+    page.set_input_files("#file", str(notes))
+    settle(page, 1)
+    (card,) = cards(page)
+    assert card["state"] == "error" and card["label"] is None and card["bars"] == []
+    assert card["verdict"] == "Not an image"
+    assert "not a photo the model can read" in card["error"]
+    assert "INVALID_IMAGE" in card["meta"] and "HTTP 400" in card["meta"]
+    assert page.get_by_role("alert").filter(has_text="not a photo").is_visible()
+    assert predictions(recorded) == 1
+
+
+def test_several_photos_at_once_get_one_result_each(
+    page: Page, photos: dict[str, Path], model: dict[str, str], tmp_path: Path, recorded
+) -> None:
+    notes = tmp_path / "notes.jpg"
+    notes.write_text("not a photo")
+    page.set_input_files("#file", [str(photos["dandelion"]), str(photos["grass"]), str(notes)])
+    settle(page, 3)
+    dandelion, grass, text = cards(page)
+    assert_classified(dandelion, "dandelion", model)
+    assert_classified(grass, "grass", model)
+    assert text["state"] == "error" and text["filename"] == "notes.jpg"
+    assert predictions(recorded) == 3, "one request per photo, so one bad file does not fail the others"
+    page.screenshot(path=ARTIFACTS / "upload-page-desktop.png", full_page=True)
+
+
+def test_a_file_over_the_limit_is_refused_without_a_request(page: Page, recorded) -> None:
+    page.set_input_files("#file", {"name": "huge.jpg", "mimeType": "image/jpeg", "buffer": b"\xff" * (10 << 20 | 1)})
+    settle(page, 1)
+    (card,) = cards(page)
+    assert card["state"] == "error" and card["verdict"] == "Too large"
+    assert "at most 10 MB" in card["error"]
+    page.set_input_files("#file", {"name": "readme.txt", "mimeType": "text/plain", "buffer": b"hello"})
+    settle(page, 2)
+    text = cards(page)[0]
+    assert text["verdict"] == "Not an image" and "text/plain" in text["error"]
+    assert predictions(recorded) == 0
+
+
+def test_keyboard_paste_and_drop(page: Page, photos: dict[str, Path], model: dict[str, str], recorded) -> None:
+    # Tab: the skip link first, then the drop zone; Enter opens the file picker.
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.className") == "skip-link"
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "dropzone"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    assert chooser.value.is_multiple()
+    chooser.value.set_files(str(photos["grass"]))
+    settle(page, 1)
+    with page.expect_file_chooser():
+        page.keyboard.press(" ")
+
+    # Ctrl+V of an image, then a photo dropped on the drop zone: both as the browser delivers them.
+    put_file = """([b64, name, kind, target]) => {
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const data = new DataTransfer();
+        data.items.add(new File([bytes], name, {type: 'image/jpeg'}));
+        const where = document.querySelector(target);
+        if (kind === 'paste') {
+            where.dispatchEvent(new ClipboardEvent('paste', {clipboardData: data, bubbles: true}));
+        } else {
+            for (const type of ['dragenter', 'dragover', 'drop']) {
+                where.dispatchEvent(new DragEvent(type, {dataTransfer: data, bubbles: true, cancelable: true}));
+            }
+        }
+    }"""
+    dandelion = base64.b64encode(photos["dandelion"].read_bytes()).decode()
+    page.evaluate(put_file, [dandelion, "pasted.jpg", "paste", "body"])
+    settle(page, 2)
+    page.evaluate(put_file, [dandelion, "dropped.jpg", "drop", "#dropzone"])
+    settle(page, 3)
+    dropped, pasted, chosen = cards(page)
+    assert (pasted["filename"], dropped["filename"]) == ("pasted.jpg", "dropped.jpg")
+    assert_classified(chosen, "grass", model)
+    assert_classified(pasted, "dandelion", model)
+    assert_classified(dropped, "dandelion", model)
+    assert not page.eval_on_selector("#dropzone", "z => z.classList.contains('dragging')")
+
+    # Clear empties the results and gives focus back to the drop zone.
+    page.get_by_role("button", name="Clear results").click()
+    assert cards(page) == []
+    assert page.evaluate("document.activeElement.id") == "dropzone"
+
+
+def test_phone_sized_screen(browser: Browser, api: str, photos: dict[str, Path], tmp_path: Path) -> None:
+    recorded = Recorded()
+    page = open_page(browser, api, recorded, width=375, height=700)
+    try:
+        notes = tmp_path / "notes.jpg"
+        notes.write_text("not a photo")
+        page.set_input_files("#file", [str(photos["dandelion"]), str(photos["grass"]), str(notes)])
+        settle(page, 3)
+        assert [c["label"] for c in cards(page)] == ["dandelion", "grass", None]
+        widths = page.evaluate(
+            "({scroll: document.documentElement.scrollWidth, client: document.documentElement.clientWidth})"
+        )
+        assert widths["scroll"] <= widths["client"] == 375, f"the page scrolls sideways: {widths}"
+        for selector in ("#dropzone", "#results .card"):
+            box = page.locator(selector).first.bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375, selector
+        spilled = page.eval_on_selector_all(
+            "#results .card",
+            """cards => cards.flatMap(card => {
+                const outer = card.getBoundingClientRect();
+                return Array.from(card.querySelectorAll('*'))
+                    .filter(e => e.getClientRects().length && !e.closest('.visually-hidden'))
+                    .filter(e => { const r = e.getBoundingClientRect(); return r.right > outer.right + 0.5; })
+                    .map(e => `${e.className}: ${e.textContent.slice(0, 30)}`);
+            })""",
+        )
+        assert spilled == [], "text spills out of the result cards"
+        page.screenshot(path=ARTIFACTS / "upload-page-phone.png", full_page=True)
+    finally:
+        page.close()
+    check_traffic(api, recorded)
