@@ -119,6 +119,7 @@ def test_http_ingest_with_missing_indices_a_corrupt_file_and_retries(
     stack_settings: TrainerSettings, mirror: str, data_dir: Path
 ) -> None:
     report = asyncio.run(ingest(stack_settings, mirror, per_class=200, progress=False))
+    print(f"\nHTTP ingest into MariaDB + S3: {report.summary()}")
     on_disk = sum(1 for _ in data_dir.glob("*/*.jpg"))
     assert report.new == on_disk == 320
     assert report.rejected == {"not_an_image": 1}
