@@ -38,7 +38,7 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = ModelRuntime(
-            source or MlflowSource(settings.registry),
+            source or MlflowSource(settings.registry, settings.runtime, settings.inference_threads or None),
             metrics,
             poll_interval_s=settings.poll_interval_s,
             retry_initial_s=settings.retry_initial_s,

@@ -96,6 +96,11 @@ class Batcher:
             self.metrics.queue_depth.set(self._queued_rows)
             try:
                 await self._process(batch)
+            except Exception:  # the worker must outlive any batch, or every later request would hang
+                log.exception("batch of %d failed", len(batch))
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(RuntimeError("the model failed on this batch"))
             finally:
                 for _ in batch:
                     self._queue.task_done()
@@ -125,7 +130,8 @@ class Batcher:
         except Exception:
             if len(live) == 1:
                 log.exception("forward pass failed")
-                live[0].future.set_exception(RuntimeError("the model failed on this input"))
+                if not live[0].future.done():  # its caller may have timed out during the pass
+                    live[0].future.set_exception(RuntimeError("the model failed on this input"))
                 return
             for item in live:  # isolate the item that breaks the pass
                 await self._process([item])

@@ -55,3 +55,6 @@ class _GracefulServer(uvicorn.Server):
         self._app.state.shutting_down = True
         self._app.state.metrics.ready.set(0)
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals once it has shut down (exit status 143); a completed
+        # graceful shutdown is a success, so the process exits 0 as Kubernetes and compose expect.
+        self._captured_signals.clear()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -26,6 +28,12 @@ class ApiSettings(BaseSettings):
     retry_initial_s: float = 1.0
     retry_max_s: float = 30.0
     """Backoff bounds while no model could be loaded yet (registry down, alias missing)."""
+
+    runtime: Literal["auto", "litert", "tensorflow"] = "auto"
+    """What runs the model: ``auto`` takes the version's LiteRT export when it has one (no TensorFlow in the
+    process), else TensorFlow; ``litert`` refuses a version without the export; ``tensorflow`` always."""
+    inference_threads: int = 0
+    """Threads of one forward pass; 0 means one per CPU."""
 
     max_batch_size: int = 16
     """Most images per forward pass; 1 turns micro-batching off."""

@@ -208,21 +208,27 @@ def train_and_register(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, MODEL_SIZE, MODEL_SIZE, 3))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(LABELS)))]),
         )
-        model_info = mlflow.tensorflow.log_model(
-            exported,
-            name="model",
-            signature=signature,
-            input_example=np.round(test.x[:1], 4),
-            pip_requirements=_pip_requirements(),
-            metadata={
-                "labels": list(LABELS),
-                "input_size": MODEL_SIZE,
-                "image_size": settings.image_size,
-                "tta": settings.tta,
-                "feature_set": f"{feature_set.name}:v{feature_set.version}",
-            },
-            registered_model_name=settings.registry.model_name,
-        )
+        from services.trainer.export import LITERT_FILE, litert_model
+
+        with tempfile.TemporaryDirectory() as export_dir:
+            litert_path = Path(export_dir) / LITERT_FILE  # the API's runtime: LiteRT, without TensorFlow
+            litert_path.write_bytes(litert_model(exported))
+            model_info = mlflow.tensorflow.log_model(
+                exported,
+                name="model",
+                signature=signature,
+                input_example=np.round(test.x[:1], 4),
+                pip_requirements=_pip_requirements(),
+                extra_files=[str(litert_path)],
+                metadata={
+                    "labels": list(LABELS),
+                    "input_size": MODEL_SIZE,
+                    "image_size": settings.image_size,
+                    "tta": settings.tta,
+                    "feature_set": f"{feature_set.name}:v{feature_set.version}",
+                },
+                registered_model_name=settings.registry.model_name,
+            )
         version = str(model_info.registered_model_version)
 
         decision = _gate(client, settings, version, test.x, test.y, results, force)

@@ -1,0 +1,122 @@
+"""The fast path for large ``/invocations`` bodies answers and refuses exactly as the general path does."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import orjson
+import pytest
+
+from services.api import protocol
+from services.api.errors import ApiError
+
+RNG = np.random.default_rng(11)
+IMAGES = RNG.random((2, 224, 224, 3), dtype=np.float32)
+
+
+def numpy_json(payload: dict) -> bytes:
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def spaced_json(payload: dict) -> bytes:
+    """As ``requests``/``json.dumps`` write it: spaces after commas and colons, float64 reprs."""
+    return json.dumps({k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in payload.items()}).encode()
+
+
+def tampered(body: bytes, old: bytes, new: bytes, nth: int = 1) -> bytes:
+    """``body`` with its ``nth`` occurrence of ``old`` replaced by ``new``."""
+    at = -1
+    for _ in range(nth):
+        at = body.index(old, at + 1)
+    return body[:at] + new + body[at + len(old) :]
+
+
+def first_number(body: bytes, token: bytes) -> bytes:
+    """``body`` with its first number replaced by ``token``."""
+    start = body.index(b"[[[[") + 4
+    return body[:start] + token + body[body.index(b",", start) :]
+
+
+ONE = numpy_json({"inputs": IMAGES[:1]})
+INTEGERS = numpy_json({"inputs": (IMAGES[:1] * 255).round().astype(np.int64)})
+ACCEPTED = {
+    "orjson numpy": ONE,
+    "two images": numpy_json({"inputs": IMAGES}),
+    "instances": numpy_json({"instances": IMAGES[:1]}),
+    "params after": numpy_json({"inputs": IMAGES[:1], "params": {"threshold": [1, 2]}}),
+    "params first": numpy_json({"params": {"a": 1}, "inputs": IMAGES[:1]}),
+    "json.dumps spaces": spaced_json({"inputs": IMAGES[:1]}),
+    "pretty": json.dumps({"inputs": IMAGES[:1].tolist()}, indent=1).encode(),
+    "integers": INTEGERS,
+    "mixed integers": first_number(ONE, b"1"),
+    "exponent": first_number(ONE, b"-2.5E-3"),
+    "large but finite": first_number(ONE, b"1e30"),
+    "extra key": numpy_json({"inputs": IMAGES[:1], "other": "x"}),
+}
+TRICKY = {
+    "ragged pixel": tampered(ONE, b"],[", b",1],[", 5),
+    "short pixel": tampered(ONE, b",", b"],[", 7),
+    "a boolean": first_number(ONE, b"true"),
+    "a null": first_number(ONE, b"null"),
+    "a string": first_number(ONE, b'"0.5"'),
+    "a nested list": first_number(ONE, b"[0.5]"),
+    "empty slot": first_number(ONE, b""),
+    "leading zero": first_number(ONE, b"01"),
+    "leading plus": first_number(ONE, b"+1"),
+    "too large for float32": first_number(ONE, b"1e39"),
+    "too large for float64": first_number(ONE, b"1e400"),
+    "huge integer": first_number(ONE, b"99999999999999999999999"),
+    "uint64 integer": first_number(ONE, b"18446744073709551615"),
+    "NaN": first_number(ONE, b"NaN"),
+    "trailing garbage": ONE + b"x",
+    "two formats": numpy_json({"inputs": IMAGES[:1], "instances": IMAGES[:1]}),
+    "duplicate key": ONE[:-1] + b',"inputs":[1]}',
+    "a list at the top": numpy_json([IMAGES[:1]]),
+    "empty inputs": b'{"inputs": []' + b" " * 70000 + b"}",
+    "too many images": numpy_json({"inputs": np.repeat(IMAGES[:1], 9, axis=0)}),
+    "wrong size": numpy_json({"inputs": IMAGES[:1, :223]}),
+    "invalid utf-8": ONE.replace(b'{"inputs"', b'{"inputs","\xff":0,"x"', 1),
+}
+
+
+def general(body: bytes, monkeypatch: pytest.MonkeyPatch) -> np.ndarray | tuple[type, str]:
+    with monkeypatch.context() as patched:
+        patched.setattr(protocol, "fast_tensor", lambda body: None)
+        return outcome(body)
+
+
+def outcome(body: bytes) -> np.ndarray | tuple[type, str]:
+    try:
+        return protocol.parse_body(body, max_instances=8)
+    except ApiError as exc:
+        return type(exc), str(exc)
+
+
+@pytest.mark.parametrize("name", ACCEPTED)
+def test_accepted_bodies_take_the_fast_path_and_give_the_same_array(name: str, monkeypatch) -> None:
+    body = ACCEPTED[name]
+    assert len(body) > 65536
+    expected = general(body, monkeypatch)
+    assert isinstance(expected, np.ndarray), expected
+    fast = protocol.fast_tensor(body)
+    if name not in ("params first", "large but finite"):  # those are correct, but the general path's
+        assert fast is not None, "the fast path gave up on a common body"
+    got = protocol.parse_body(body, max_instances=8)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("name", TRICKY)
+def test_odd_bodies_get_the_general_paths_answer(name: str, monkeypatch) -> None:
+    """Refused as before, with the same reason; or (booleans, huge integers) accepted as before."""
+    body = TRICKY[name]
+    expected, got = general(body, monkeypatch), outcome(body)
+    if isinstance(expected, np.ndarray):
+        np.testing.assert_array_equal(got, expected)
+    else:
+        assert got == expected
+
+
+def test_the_fast_path_is_exact_for_float32_values() -> None:
+    np.testing.assert_array_equal(protocol.fast_tensor(numpy_json({"inputs": IMAGES})), IMAGES)
