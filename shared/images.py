@@ -87,7 +87,9 @@ def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, *, draft_size: int
             img = ImageOps.exif_transpose(img)
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"the image is over the limit of {limits.max_pixels} pixels") from exc
+    except UnidentifiedImageError as exc:
         raise NotAnImageError("the file is not a decodable image") from exc
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError) as exc:
         # Truncated or corrupt data surfaces as any of these from Pillow's plugins.

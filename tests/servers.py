@@ -150,6 +150,8 @@ class TcpProxy:
 
     def stop(self) -> None:
         if self._server is not None:
+            with suppress(OSError):
+                self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread so the port is freed
             self._server.close()
             self._server = None
         with self._lock:

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
@@ -8,7 +8,10 @@ from asgi_lifespan import LifespanManager
 
 from services.api.app import create_app
 from services.api.settings import ApiSettings
+from shared.settings import RegistrySettings
 from tests.api.fakes import FakeSource
+from tests.api.process import api_process
+from tests.conftest import ARTIFACTS, api_env
 
 
 @pytest.fixture
@@ -47,3 +50,17 @@ async def client(api_settings: ApiSettings, source: FakeSource) -> AsyncIterator
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
             await wait_ready(c)
             yield c
+
+
+@pytest.fixture(scope="session")
+def champion_registry(real_champion) -> RegistrySettings:
+    """The registry holding the model trained on the real photos (see ``real_champion``)."""
+    settings, _ = real_champion
+    return settings.registry
+
+
+@pytest.fixture(scope="session")
+def api(champion_registry: RegistrySettings) -> Iterator[str]:
+    """One real API process serving the real champion, shared by the modules that need one."""
+    with api_process(api_env(champion_registry, API_POLL_INTERVAL_S="1"), ARTIFACTS / "api.log") as url:
+        yield url

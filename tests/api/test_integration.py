@@ -32,18 +32,6 @@ def photos(data_dir: Path, label: str, n: int, seed: int = 7) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def champion_registry(real_champion):
-    settings, _ = real_champion
-    return settings.registry
-
-
-@pytest.fixture(scope="module")
-def api(champion_registry) -> Iterator[str]:
-    with api_process(api_env(champion_registry, API_POLL_INTERVAL_S="1"), ARTIFACTS / "api.log") as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
 def mlflow_serve(champion_registry) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"

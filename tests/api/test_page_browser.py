@@ -21,8 +21,7 @@ try:
 except ImportError as exc:  # pragma: no cover - a clear message instead of a bare import error
     raise ImportError("the browser test needs Playwright: pip install playwright (no `playwright install`)") from exc
 
-from tests.api.process import api_process
-from tests.conftest import ARTIFACTS, api_env
+from tests.conftest import ARTIFACTS
 
 pytestmark = pytest.mark.slow
 
@@ -39,18 +38,6 @@ CHROMIUM_ARGS = [
 WAIT_MS = 90_000  # the first real inference warms TensorFlow up on a busy 2-core machine
 CLASSES = ["dandelion", "grass"]
 SETTLED = "#results .card:not([data-state='pending'])"
-
-
-@pytest.fixture(scope="module")
-def champion(real_champion):
-    settings, _ = real_champion
-    return settings.registry
-
-
-@pytest.fixture(scope="module")
-def api(champion) -> Iterator[str]:
-    with api_process(api_env(champion, API_POLL_INTERVAL_S="5"), ARTIFACTS / "api-page.log") as url:
-        yield url
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,249 @@
+"""Soak test: mixed traffic against the API for a while, watching errors, latency and the process's memory.
+
+Starts ``python -m services.api`` on 127.0.0.1 (model from the usual environment: ``MLFLOW_TRACKING_URI``,
+``MODEL_NAME``, ...) or uses ``--url``; runs ``--concurrency`` workers for ``--seconds`` over
+``/predict`` (real photos), ``/invocations`` (seed-style JSON), ``/model``, ``/health/ready`` and one
+deliberate bad request (must answer 400); samples the API's RSS every second from ``/proc``; prints errors
+(5xx, transport errors, any unexpected status), p50/p95/p99 per endpoint and RSS start/end/growth.
+Exits 1 on any error.
+
+    python -m benchmarks.soak --seconds 120 --concurrency 32
+    python -m benchmarks.soak --url http://127.0.0.1:8000 --pid 12345 --seconds 60
+
+Only 127.0.0.1 is ever contacted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import orjson
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = Path(os.environ.get("DANDELION_DATA_DIR", REPO.parent / "shared" / "data" / "dandelion-grass"))
+MIX = {"predict": 4, "invocations": 2, "model": 2, "ready": 1, "bad-request": 1}
+"""Relative weight of each kind of request."""
+EXPECTED = {"predict": 200, "invocations": 200, "model": 200, "ready": 200, "bad-request": 400}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int | None:
+    """Resident set size of ``pid`` plus its direct children (uvicorn workers), in KiB."""
+    total, found = 0, False
+    pids = [pid]
+    with suppress(OSError):
+        pids += [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    for p in pids:
+        with suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+                    found = True
+    return total if found else None
+
+
+@contextmanager
+def start_api(log: Path, timeout: float) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log.open("ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.api", "--host", "127.0.0.1", "--port", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={"TF_CPP_MIN_LOG_LEVEL": "2", **os.environ},
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the API exited with {process.returncode}; see {log}")
+            with suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the API was not ready after {timeout:.0f} s; see {log}")
+            time.sleep(0.3)
+        yield url, process.pid
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(5)
+
+
+@dataclass
+class Results:
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {kind: [] for kind in MIX})
+    errors: Counter[str] = field(default_factory=Counter)
+    rss_kib: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def report(self) -> dict:
+        total = sum(len(v) for v in self.latencies.values())
+        endpoints = {}
+        for kind, values in self.latencies.items():
+            ms = np.array(values) * 1000 if values else np.array([np.nan])
+            endpoints[kind] = {
+                "requests": len(values),
+                "p50_ms": round(float(np.percentile(ms, 50)), 1),
+                "p95_ms": round(float(np.percentile(ms, 95)), 1),
+                "p99_ms": round(float(np.percentile(ms, 99)), 1),
+            }
+        rss = self.rss_kib
+        return {
+            "seconds": round(self.seconds, 1),
+            "requests": total,
+            "requests_per_s": round(total / self.seconds, 1) if self.seconds else 0,
+            "errors": sum(self.errors.values()),
+            "error_kinds": dict(self.errors),
+            "endpoints": endpoints,
+            "rss_mib": {
+                "start": round(rss[0] / 1024, 1) if rss else None,
+                "end": round(rss[-1] / 1024, 1) if rss else None,
+                "peak": round(max(rss) / 1024, 1) if rss else None,
+                "growth_percent": round(100 * (rss[-1] - rss[0]) / rss[0], 1) if rss else None,
+            },
+        }
+
+
+def photos(folder: Path, limit: int = 40) -> list[tuple[str, bytes]]:
+    files = sorted(folder.glob("*/*.jpg"))[:: max(1, len(list(folder.glob("*/*.jpg"))) // limit)][:limit]
+    if not files:
+        raise SystemExit(f"no photos under {folder}/*/*.jpg; pass --data")
+    return [(f.name, f.read_bytes()) for f in files]
+
+
+def seed_bodies() -> list[bytes]:
+    rng = np.random.default_rng(0)
+    images = (rng.random((1, 224, 224, 3), dtype=np.float32).round(4) for _ in range(4))
+    return [orjson.dumps({"inputs": image.tolist()}) for image in images]
+
+
+async def soak(url: str, pid: int | None, seconds: float, concurrency: int, data: Path) -> Results:
+    if urlsplit(url).hostname not in ("127.0.0.1", "localhost"):
+        raise SystemExit("the soak test only talks to 127.0.0.1")
+    images, bodies = photos(data), seed_bodies()
+    kinds = [kind for kind, weight in MIX.items() for _ in range(weight)]
+    results = Results()
+    stop_at = time.monotonic() + seconds
+
+    async def one(client: httpx.AsyncClient, kind: str, n: int) -> httpx.Response:
+        if kind == "predict":
+            name, jpeg = images[n % len(images)]
+            return await client.post("/predict", files={"file": (name, jpeg, "image/jpeg")})
+        if kind == "invocations":
+            body = bodies[n % len(bodies)]
+            return await client.post("/invocations", content=body, headers={"content-type": "application/json"})
+        if kind == "model":
+            return await client.get("/model")
+        if kind == "ready":
+            return await client.get("/health/ready")
+        return await client.post("/predict", files={"file": ("notes.jpg", b"not an image", "image/jpeg")})
+
+    async def worker(client: httpx.AsyncClient, index: int) -> None:
+        rng = random.Random(index)
+        for n in itertools.count(index * 7919):
+            if time.monotonic() >= stop_at:
+                return
+            kind = rng.choice(kinds)
+            started = time.perf_counter()
+            try:
+                response = await one(client, kind, n)
+            except httpx.HTTPError as exc:
+                results.errors[f"{kind}: {type(exc).__name__}"] += 1
+                continue
+            results.latencies[kind].append(time.perf_counter() - started)
+            if response.status_code != EXPECTED[kind]:
+                results.errors[f"{kind}: HTTP {response.status_code}"] += 1
+
+    async def sample_rss() -> None:
+        while pid is not None:
+            if (value := rss_kib(pid)) is not None:
+                results.rss_kib.append(value)
+            await asyncio.sleep(1)
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        sampler = asyncio.create_task(sample_rss())
+        started = time.monotonic()
+        await asyncio.gather(*(worker(client, i) for i in range(concurrency)))
+        results.seconds = time.monotonic() - started
+        sampler.cancel()
+        with suppress(asyncio.CancelledError):
+            await sampler
+        if pid is not None and (value := rss_kib(pid)) is not None:
+            results.rss_kib.append(value)
+    return results
+
+
+def print_report(report: dict, concurrency: int) -> None:
+    print(
+        f"soak: {report['seconds']} s at concurrency {concurrency}: {report['requests']} requests "
+        f"({report['requests_per_s']}/s), {report['errors']} errors"
+    )
+    for kind, count in report["error_kinds"].items():
+        print(f"  error  {kind}: {count}")
+    print(f"  {'endpoint':<12} {'requests':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}")
+    for kind, e in report["endpoints"].items():
+        print(f"  {kind:<12} {e['requests']:>8} {e['p50_ms']:>8} {e['p95_ms']:>8} {e['p99_ms']:>8}")
+    rss = report["rss_mib"]
+    if rss["start"] is not None:
+        print(f"  RSS MiB: start {rss['start']}, end {rss['end']}, peak {rss['peak']}, growth {rss['growth_percent']}%")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="an API already running on 127.0.0.1 (default: start one)")
+    parser.add_argument("--pid", type=int, help="with --url: the API's process id, to sample its RSS")
+    parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="photos in dandelion/ and grass/")
+    parser.add_argument("--log", type=Path, default=REPO / "var" / "soak-api.log", help="the started API's log")
+    parser.add_argument("--ready-timeout", type=float, default=180)
+    parser.add_argument("--json", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+
+    if args.url:
+        results = asyncio.run(soak(args.url, args.pid, args.seconds, args.concurrency, args.data))
+    else:
+        args.log.parent.mkdir(parents=True, exist_ok=True)
+        with start_api(args.log, args.ready_timeout) as (url, pid):
+            results = asyncio.run(soak(url, pid, args.seconds, args.concurrency, args.data))
+    report = results.report()
+    print_report(report, args.concurrency)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
