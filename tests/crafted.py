@@ -48,3 +48,23 @@ def write_crafted_folder(root: Path, per_class: int, offset: int = 0) -> Path:
         for i in range(per_class):
             (folder / f"{i:08d}.jpg").write_bytes(crafted_jpeg(label, 10_000 * index + i + offset))
     return root
+
+
+FAST_TRAINING = {"epochs": 10, "image_size": 64, "batch_size": 8, "patience": 10, "learning_rate": 3e-3}
+"""Enough steps for batch norm's statistics to settle on crafted images, in seconds rather than minutes."""
+
+
+def crafted_training(stack_settings, registry_settings, folder: Path, per_class: int, floor: float):
+    """Trainer settings on the real stack, with a crafted data set ingested and its feature set built."""
+    import asyncio
+
+    from services.trainer.features import build_features
+    from services.trainer.ingest import ingest
+
+    write_crafted_folder(folder, per_class=per_class)
+    settings = stack_settings.model_copy(
+        update={"registry": registry_settings, "data_source": str(folder), "promotion_floor": floor, **FAST_TRAINING}
+    )
+    asyncio.run(ingest(settings, progress=False))
+    asyncio.run(build_features(settings, progress=False))
+    return settings

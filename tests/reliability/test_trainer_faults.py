@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -25,12 +23,11 @@ from shared.db import open_database
 from shared.settings import DatabaseSettings, RegistrySettings
 from shared.tables import ImageRow
 from tests.conftest import ARTIFACTS, AWS_ENV, MYSQL_PORT
-from tests.crafted import write_crafted_folder
+from tests.crafted import FAST_TRAINING, crafted_training, write_crafted_folder
 from tests.servers import TcpProxy
 
 pytestmark = pytest.mark.slow
 
-FAST = {"epochs": 10, "image_size": 64, "batch_size": 8, "patience": 10, "learning_rate": 3e-3, "promotion_floor": 0.6}
 EPOCH_METRIC = "loss"
 
 
@@ -38,24 +35,7 @@ EPOCH_METRIC = "loss"
 def crafted_settings(
     stack_settings: TrainerSettings, registry_settings: RegistrySettings, tmp_path: Path
 ) -> TrainerSettings:
-    folder = write_crafted_folder(tmp_path / "crafted", per_class=30)
-    settings = stack_settings.model_copy(update={"registry": registry_settings, "data_source": str(folder), **FAST})
-    asyncio.run(ingest(settings, progress=False))
-    asyncio.run(build_features(settings, progress=False))
-    return settings
-
-
-class RestartableProxy(TcpProxy):
-    """``TcpProxy`` whose ``stop()`` also wakes its accept thread, so ``start()`` can bind the same port again.
-
-    (``TcpProxy.stop`` only closes the listening socket; a thread blocked in ``accept()`` keeps it listening.)
-    """
-
-    def stop(self) -> None:
-        if self._server is not None:
-            with suppress(OSError):
-                self._server.shutdown(socket.SHUT_RDWR)
-        super().stop()
+    return crafted_training(stack_settings, registry_settings, tmp_path / "crafted", per_class=30, floor=0.6)
 
 
 def trainer_env(settings: TrainerSettings) -> dict[str, str]:
@@ -140,11 +120,11 @@ async def count_images(database: DatabaseSettings) -> tuple[int, int]:
 
 def test_database_connection_dropped_between_runs(stack_settings: TrainerSettings, tmp_path: Path) -> None:
     folder = write_crafted_folder(tmp_path / "crafted", per_class=30)
-    proxy = RestartableProxy("127.0.0.1", MYSQL_PORT).start()
+    proxy = TcpProxy("127.0.0.1", MYSQL_PORT).start()
     try:
         url = stack_settings.database.url.get_secret_value().replace(f":{MYSQL_PORT}/", f":{proxy.port}/")
         settings = stack_settings.model_copy(
-            update={"database": DatabaseSettings(url=url), "data_source": str(folder), **FAST}
+            update={"database": DatabaseSettings(url=url), "data_source": str(folder), **FAST_TRAINING}
         )
         first = asyncio.run(ingest(settings, progress=False))
         assert (first.new, first.failed) == (60, 0)
@@ -163,7 +143,7 @@ def test_database_connection_dropped_between_runs(stack_settings: TrainerSetting
 
 def test_pooled_connection_reset_under_a_live_engine(stack_settings: TrainerSettings) -> None:
     """The same drop while one engine holds pooled connections: ``pool_pre_ping`` replaces the dead ones."""
-    proxy = RestartableProxy("127.0.0.1", MYSQL_PORT).start()
+    proxy = TcpProxy("127.0.0.1", MYSQL_PORT).start()
     url = stack_settings.database.url.get_secret_value().replace(f":{MYSQL_PORT}/", f":{proxy.port}/")
 
     async def scenario() -> None:

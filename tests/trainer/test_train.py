@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -13,28 +12,20 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.pyfunc import scoring_server
 
-from services.trainer.features import build_features
-from services.trainer.ingest import ingest
 from services.trainer.registry import Champion, decide
 from services.trainer.settings import TrainerSettings
 from services.trainer.train import train_and_register
 from shared.images import preprocess
 from shared.labels import LABELS
 from shared.settings import RegistrySettings
-from tests.crafted import crafted_jpeg, write_crafted_folder
-
-FAST = {"epochs": 10, "image_size": 64, "batch_size": 8, "patience": 10, "learning_rate": 3e-3, "promotion_floor": 0.75}
+from tests.crafted import crafted_jpeg, crafted_training
 
 
 @pytest.fixture
 def crafted_settings(
     stack_settings: TrainerSettings, registry_settings: RegistrySettings, tmp_path: Path
 ) -> TrainerSettings:
-    folder = write_crafted_folder(tmp_path / "crafted", per_class=40)
-    settings = stack_settings.model_copy(update={"registry": registry_settings, "data_source": str(folder), **FAST})
-    asyncio.run(ingest(settings, progress=False))
-    asyncio.run(build_features(settings, progress=False))
-    return settings
+    return crafted_training(stack_settings, registry_settings, tmp_path / "crafted", per_class=40, floor=0.75)
 
 
 @pytest.mark.slow
