@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from shared.settings import DatabaseSettings
@@ -27,13 +27,26 @@ def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     return create_async_engine(url, echo=settings.echo, pool_pre_ping=True, pool_recycle=1800)
 
 
+async def create_tables(engine: AsyncEngine, attempts: int = 3) -> None:
+    """Create the tables that do not exist yet. Two processes may race to create the same table (the trainer
+    and the API share the database); the loser's CREATE fails with "already exists", and it simply checks again.
+    """
+    for attempt in range(attempts):
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(Base.metadata.create_all)
+            return
+        except (OperationalError, ProgrammingError) as exc:
+            if "already exists" not in str(exc) or attempt == attempts - 1:
+                raise
+
+
 @asynccontextmanager
 async def open_database(settings: DatabaseSettings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
     """An engine with the tables created, as a session factory; disposed on exit."""
     engine = create_engine(settings)
     try:
-        async with engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
+        await create_tables(engine)
         yield async_sessionmaker(engine, expire_on_commit=False)
     except (OperationalError, InterfaceError, OSError) as exc:
         # Connection-level failures (server down, restarted, unreachable): one clear line for operators.

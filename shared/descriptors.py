@@ -6,10 +6,12 @@ same numbers whatever their original resolution.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from PIL import Image
 
-from shared.images import MODEL_SIZE
+from shared.images import DEFAULT_LIMITS, MODEL_SIZE, ImageLimits, decode
 
 COLOR_COLUMNS: tuple[str, ...] = tuple(
     f"{space}_{channel}_{stat}"
@@ -25,9 +27,49 @@ def describe(rgb: Image.Image, width: int, height: int, size: int = MODEL_SIZE) 
     small = rgb if rgb.size == (size, size) else rgb.resize((size, size), Image.Resampling.BILINEAR)
     values: dict[str, float] = {"width": float(width), "height": float(height)}
     for space, img in (("rgb", small), ("hsv", small.convert("HSV"))):
-        pixels = np.asarray(img, dtype=np.float32).reshape(-1, 3) * (1.0 / 255.0)
-        means, stds = pixels.mean(axis=0), pixels.std(axis=0)
+        pixels = np.asarray(img).reshape(-1, 3)
         for i, channel in enumerate(space):
-            values[f"{space}_{channel}_mean"] = float(means[i])
-            values[f"{space}_{channel}_std"] = float(stds[i])
+            # From the 256-bin histogram: exact, and ~10x faster than float reductions over the pixels.
+            counts = np.bincount(pixels[:, i], minlength=256)
+            mean = float(counts @ _LEVELS) / len(pixels)
+            square = float(counts @ _SQUARES) / len(pixels)
+            values[f"{space}_{channel}_mean"] = mean
+            values[f"{space}_{channel}_std"] = max(square - mean * mean, 0.0) ** 0.5
     return values
+
+
+_LEVELS = np.arange(256, dtype=np.float64) / 255.0
+_SQUARES = _LEVELS**2
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """An image file as the model takes it, and its descriptors."""
+
+    array: np.ndarray
+    """float32 ``(size, size, 3)`` in [0, 1], exactly :func:`shared.images.preprocess`'s output."""
+    descriptors: dict[str, float]
+    format: str
+    """The file's format as Pillow names it (``JPEG``, ``PNG``, ...)."""
+
+
+def prepare(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, size: int = MODEL_SIZE) -> Prepared:
+    """Decode once; the model's input and the descriptors come from the same resized image.
+
+    The feature store (trainer) and the prediction log (API) both call this, so a photo's descriptors are
+    the same numbers whether it was learnt from or classified. Raises :class:`shared.images.ImageError`.
+    """
+    decoded = decode(data, limits, draft_size=size)
+    img = decoded.image
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    array = np.asarray(img, dtype=np.float32)
+    array *= 1.0 / 255.0
+    return Prepared(array, describe(img, decoded.width, decoded.height, size), decoded.format)
+
+
+def describe_array(array: np.ndarray) -> dict[str, float]:
+    """Descriptors of a model-input array (float ``(h, w, 3)`` in [0, 1]), as sent to ``/invocations``."""
+    pixels = np.clip(np.nan_to_num(array, nan=0.0) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    height, width = pixels.shape[:2]
+    return describe(Image.fromarray(pixels, "RGB"), width, height)

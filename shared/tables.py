@@ -1,11 +1,11 @@
-"""SQLAlchemy 2 typed tables: one row per ingested image, one per feature-set version."""
+"""SQLAlchemy 2 typed tables: ingested images, feature-set versions, served predictions and their feedback."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -49,3 +49,51 @@ class FeatureSetRow(Base):
     """sha256 over the sorted image hashes it was built from: equal snapshots mean equal data."""
     split_counts: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PredictionRow(Base):
+    """One image classified by the API (written in batches, in the background; see ``services.api.predlog``).
+
+    The descriptor columns are the feature store's (:data:`shared.descriptors.DESCRIPTOR_COLUMNS`), computed
+    by the same code, so live inputs can be compared with training data column by column.
+    """
+
+    __tablename__ = "predictions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    """The prediction id the API returned (32 hex characters)."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    endpoint: Mapped[str] = mapped_column(String(16))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(32), index=True)
+    label: Mapped[str] = mapped_column(String(32))
+    confidence: Mapped[float] = mapped_column(Float)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    """From the request's arrival to its answer (decoding, queueing and the forward pass)."""
+    image_sha256: Mapped[str | None] = mapped_column(String(64))
+    image_key: Mapped[str | None] = mapped_column(String(255))
+    """Object key of the uploaded file when ``API_STORE_UPLOADS`` is on; NULL otherwise."""
+    width: Mapped[float] = mapped_column(Float)
+    height: Mapped[float] = mapped_column(Float)
+    rgb_r_mean: Mapped[float] = mapped_column(Float)
+    rgb_r_std: Mapped[float] = mapped_column(Float)
+    rgb_g_mean: Mapped[float] = mapped_column(Float)
+    rgb_g_std: Mapped[float] = mapped_column(Float)
+    rgb_b_mean: Mapped[float] = mapped_column(Float)
+    rgb_b_std: Mapped[float] = mapped_column(Float)
+    hsv_h_mean: Mapped[float] = mapped_column(Float)
+    hsv_h_std: Mapped[float] = mapped_column(Float)
+    hsv_s_mean: Mapped[float] = mapped_column(Float)
+    hsv_s_std: Mapped[float] = mapped_column(Float)
+    hsv_v_mean: Mapped[float] = mapped_column(Float)
+    hsv_v_std: Mapped[float] = mapped_column(Float)
+
+
+class FeedbackRow(Base):
+    """The true label of a prediction, as told by a user (``POST /feedback``); one per prediction."""
+
+    __tablename__ = "feedback"
+
+    prediction_id: Mapped[str] = mapped_column(String(32), ForeignKey("predictions.id"), primary_key=True)
+    label: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

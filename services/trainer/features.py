@@ -20,9 +20,8 @@ from sqlalchemy import select
 from tqdm import tqdm
 
 from services.trainer.settings import TrainerSettings
-from shared import images
 from shared.db import open_database
-from shared.descriptors import DESCRIPTOR_COLUMNS, describe
+from shared.descriptors import DESCRIPTOR_COLUMNS, prepare
 from shared.labels import LABELS
 from shared.storage import open_store
 from shared.tables import FeatureSetRow, ImageRow
@@ -148,8 +147,7 @@ async def build_features(settings: TrainerSettings, *, force: bool = False, prog
 
 
 def _describe(data: bytes) -> dict[str, float]:
-    decoded = images.decode(data)
-    return describe(decoded.image, decoded.width, decoded.height)
+    return prepare(data).descriptors
 
 
 async def _latest(session, name: str) -> FeatureSetRow | None:

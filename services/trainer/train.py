@@ -17,12 +17,15 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
 from services.trainer import evaluation
 from services.trainer.dataset import splits_from_table
 from services.trainer.features import load_feature_set
 from services.trainer.registry import Champion, GateDecision, connect, current_champion, decide, evaluate_version
 from services.trainer.settings import TrainerSettings
+from shared.descriptors import DESCRIPTOR_COLUMNS
+from shared.drift import Reference
 from shared.images import MODEL_SIZE
 from shared.labels import LABELS
 
@@ -104,6 +107,8 @@ def train_and_register(
     from mlflow.types import Schema, TensorSpec
 
     from services.trainer.model import build_network, serving_model
+
+    reference = drift_reference(table, f"{feature_set.name}:v{feature_set.version}")
 
     client = connect(settings.registry)
     keras.utils.set_random_seed(settings.seed)
@@ -202,6 +207,7 @@ def train_and_register(
             )
             mlflow.log_artifacts(tmp, artifact_path="report")
             mlflow.log_dict({"labels": list(LABELS)}, "labels.json")
+            mlflow.log_dict(reference.to_dict(), "drift_reference.json")
         log.info("test accuracy %.4f (%d misclassified of %d)", results["test_accuracy"], n_wrong, len(test))
 
         signature = ModelSignature(
@@ -226,6 +232,7 @@ def train_and_register(
                     "image_size": settings.image_size,
                     "tta": settings.tta,
                     "feature_set": f"{feature_set.name}:v{feature_set.version}",
+                    "drift_reference": reference.to_dict(),
                 },
                 registered_model_name=settings.registry.model_name,
             )
@@ -248,6 +255,12 @@ def train_and_register(
         training_seconds=training_seconds,
         total_seconds=time.perf_counter() - started,
     )
+
+
+def drift_reference(table, source: str) -> Reference:
+    """Decile bins of each descriptor over the training split: what the API compares live inputs with."""
+    train = table.filter(pc.equal(table["split"], "train"))
+    return Reference.build({name: train[name].to_numpy() for name in DESCRIPTOR_COLUMNS}, f"{source} train split")
 
 
 def _gate(client, settings: TrainerSettings, version: str, x_test, y_test, results, force: bool) -> GateDecision:
