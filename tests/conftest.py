@@ -97,10 +97,14 @@ def s3_endpoint() -> Iterator[str]:
         yield url
 
 
+def mysql_url_of(database: str) -> str:
+    return f"mysql+asyncmy://root@{MYSQL_HOST}:{MYSQL_PORT}/{database}"
+
+
 @pytest.fixture
 def mysql_url(databases: Databases) -> str:
     """A fresh, empty MariaDB database for this test."""
-    return f"mysql+asyncmy://root@{MYSQL_HOST}:{MYSQL_PORT}/{databases.create()}"
+    return mysql_url_of(databases.create())
 
 
 @pytest.fixture
@@ -223,7 +227,8 @@ def real_champion(databases: Databases, s3_endpoint: str, mlflow_server: str, da
 
 
 def api_env(registry: RegistrySettings, **extra: str) -> dict[str, str]:
-    """Environment for ``python -m services.api`` serving ``registry``'s model."""
+    """Environment for ``python -m services.api`` serving ``registry``'s model; the prediction log is off
+    unless ``DATABASE_URL`` is among ``extra``."""
     env = {
         **AWS_ENV,
         "MLFLOW_TRACKING_URI": registry.tracking_uri,
@@ -234,4 +239,6 @@ def api_env(registry: RegistrySettings, **extra: str) -> dict[str, str]:
     if registry.s3_endpoint_url:
         env["MLFLOW_S3_ENDPOINT_URL"] = registry.s3_endpoint_url
     env.update(extra)
+    if "DATABASE_URL" not in env:
+        env["API_PREDICTION_LOG"] = "false"  # never the embedded default database under the repository
     return env

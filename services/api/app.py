@@ -15,11 +15,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.api.batching import Batcher
+from services.api.drift import DriftMonitor
 from services.api.errors import ApiError, PayloadTooLarge
 from services.api.metrics import HTTP_LATENCY_BUCKETS, ApiMetrics
+from services.api.predlog import PredictionLog
 from services.api.responses import JSONResponse
-from services.api.routes import health, invocations, model, page, predict
-from services.api.runtime import MlflowSource, ModelRuntime, ModelSource
+from services.api.routes import feedback, health, invocations, model, page, predict
+from services.api.runtime import LoadedModel, MlflowSource, ModelRuntime, ModelSource
 from services.api.service import Classifier
 from services.api.settings import ApiSettings
 from shared.images import ImageLimits
@@ -34,6 +36,8 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
     """The app; ``source`` replaces the MLflow registry (tests pass a fake)."""
     settings = settings or ApiSettings()
     metrics = ApiMetrics()
+    drift = DriftMonitor(settings.drift_window, settings.drift_min_samples, settings.low_confidence_threshold)
+    metrics.registry.register(drift)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,19 +50,33 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
         )
         batcher = Batcher(runtime, metrics, settings.max_batch_size, settings.max_batch_wait_ms / 1000)
         limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+        predlog = _prediction_log(settings, metrics)
+
+        def swapped(model: LoadedModel) -> None:
+            drift.set_reference(model.metadata, f"{model.name} v{model.version}")
+            if predlog is not None:
+                predlog.serving = (model.name, model.version)
+
+        runtime.on_swap.append(swapped)
         app.state.runtime = runtime
-        app.state.classifier = Classifier(batcher, metrics, limits, settings.max_instances, settings.request_timeout_s)
+        app.state.predlog = predlog
+        app.state.classifier = Classifier(
+            batcher, metrics, limits, settings.max_instances, settings.request_timeout_s, drift=drift, predlog=predlog
+        )
         batcher.start()
-        loader = asyncio.create_task(runtime.run(), name="model-runtime")
+        tasks = [asyncio.create_task(runtime.run(), name="model-runtime")]
+        if predlog is not None:
+            tasks.append(asyncio.create_task(predlog.run(), name="prediction-log"))
         try:
             yield
         finally:
             app.state.shutting_down = True
             metrics.ready.set(0)
             await batcher.stop()
-            loader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await loader
+            for task in tasks:  # the prediction log writes what it holds before it stops
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     app = FastAPI(
         title="Dandelion or grass",
@@ -71,8 +89,10 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.shutting_down = False
+    app.state.predlog = None
+    app.state.drift = drift
 
-    for router in (predict.router, invocations.router, model.router, health.router, page.router):
+    for router in (predict.router, invocations.router, feedback.router, model.router, health.router, page.router):
         app.include_router(router)
 
     _install_error_handlers(app)
@@ -85,6 +105,20 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
         app, latency_lowr_buckets=HTTP_LATENCY_BUCKETS
     ).expose(app, include_in_schema=False)
     return app
+
+
+def _prediction_log(settings: ApiSettings, metrics: ApiMetrics) -> PredictionLog | None:
+    if not settings.prediction_log:
+        return None
+    return PredictionLog(
+        settings.database,
+        metrics,
+        store=settings.store if settings.store_uploads else None,
+        max_queue=settings.prediction_log_max_queue,
+        batch_size=settings.prediction_log_batch_size,
+        flush_interval_s=settings.prediction_log_flush_interval_s,
+        max_upload_bytes_queued=settings.prediction_log_max_upload_bytes,
+    )
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:

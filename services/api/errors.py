@@ -50,3 +50,23 @@ class Overloaded(ApiError):
 class Timeout(ApiError):
     status_code = 504
     error_code = "TIMEOUT"
+
+
+class Unauthorized(ApiError):
+    status_code = 401
+    error_code = "UNAUTHENTICATED"
+
+
+class NotFound(ApiError):
+    status_code = 404
+    error_code = "RESOURCE_DOES_NOT_EXIST"
+
+
+class Conflict(ApiError):
+    status_code = 409
+    error_code = "RESOURCE_CONFLICT"
+
+
+class Unavailable(ApiError):
+    status_code = 503
+    error_code = "TEMPORARILY_UNAVAILABLE"

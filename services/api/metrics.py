@@ -55,6 +55,41 @@ class ApiMetrics:
         )
         self.queue_depth = Gauge("model_batch_queue_depth", "Images waiting for a forward pass.", registry=r)
 
+        # The prediction log (services/api/predlog.py) and feedback.
+        self.log_written = Counter(
+            "prediction_log_written", "Predictions written to the predictions table.", registry=r
+        )
+        self.log_dropped = Counter(
+            "prediction_log_dropped",
+            "Predictions not logged: the queue was full (overload, or a database outage outlasting the queue).",
+            ["reason"],
+            registry=r,
+        )
+        self.uploads_dropped = Counter(
+            "prediction_log_uploads_dropped",
+            "Uploaded files not stored (API_STORE_UPLOADS on): over the queue's byte budget, or the store failed.",
+            ["reason"],
+            registry=r,
+        )
+        self.log_queue_depth = Gauge("prediction_log_queue_depth", "Predictions waiting to be written.", registry=r)
+        self.log_healthy = Gauge(
+            "prediction_log_healthy", "1 while the prediction log's last database operation succeeded.", registry=r
+        )
+        self.feedback = Counter(
+            "model_feedback",
+            "Feedback received (first label per prediction), by whether the served prediction was right.",
+            ["version", "outcome"],
+            registry=r,
+        )
+        self.live_accuracy = Gauge(
+            "model_live_accuracy",
+            "Accuracy of the served model version over all its predictions with feedback (from the database).",
+            registry=r,
+        )
+        self.live_accuracy_samples = Gauge(
+            "model_live_accuracy_samples", "Predictions of the served version that have feedback.", registry=r
+        )
+
     def served(self, labels: Sequence[str], confidences: Sequence[float]) -> None:
         for label, confidence in zip(labels, confidences, strict=True):
             self.predictions.labels(label=label).inc()

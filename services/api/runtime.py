@@ -65,9 +65,16 @@ class LoadedModel:
             "labels": list(self.labels),
             "input_shape": list(self.input_shape),
             "loaded_at": self.loaded_at.isoformat(),
-            "metadata": self.metadata,
+            "metadata": {k: v for k, v in self.metadata.items() if k != "drift_reference"},
+            "drift_reference": _reference_summary(self.metadata.get("drift_reference")),
             "runtime": self.runtime,
         }
+
+
+def _reference_summary(spec: Any) -> dict[str, Any] | None:
+    if not isinstance(spec, dict):
+        return None
+    return {"source": spec.get("source"), "samples": spec.get("samples"), "features": sorted(spec.get("features", {}))}
 
 
 class ModelSource(Protocol):
@@ -363,6 +370,8 @@ class ModelRuntime:
         self.retry_max_s = retry_max_s
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
+        self.on_swap: list[Callable[[LoadedModel], None]] = []
+        """Called (on the event loop) with each model swapped in, the first one included."""
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
         self.metrics.ready.set(0)
 
@@ -408,6 +417,8 @@ class ModelRuntime:
         previous, self.current = self.current, model
         self.last_error = None
         self.metrics.model_loaded(model.name, model.version, model.alias, model.run_id)
+        for callback in self.on_swap:
+            callback(model)
         # Long-lived objects (TensorFlow, MLflow, the model) out of the collector's sight: no 300 ms pauses.
         gc.collect()
         gc.freeze()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.settings import RegistrySettings
+from shared.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
 
 
 class ApiSettings(BaseSettings):
@@ -16,6 +16,10 @@ class ApiSettings(BaseSettings):
     )
 
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    """Where the prediction log and feedback go (``DATABASE_URL``, the trainer's database)."""
+    store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
+    """Where uploads go when ``store_uploads`` is on (``OBJECT_STORE_URL``, the trainer's store)."""
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -55,3 +59,24 @@ class ApiSettings(BaseSettings):
 
     cors_origins: list[str] = []
     """Origins allowed to call the API from a browser; empty (the default) means none."""
+
+    prediction_log: bool = True
+    """Record every prediction in the ``predictions`` table (in the background; see services/api/predlog.py)."""
+    store_uploads: bool = False
+    """Also keep each uploaded photo in the object store (``uploads/...``), so that photos with feedback can be
+    trained on. Off by default: uploads may be personal data; turn it on only where that is allowed."""
+    prediction_log_max_queue: int = 10_000
+    """Most predictions waiting to be written; beyond it (overload, long outage) they are dropped and counted."""
+    prediction_log_batch_size: int = 500
+    prediction_log_flush_interval_s: float = 1.0
+    prediction_log_max_upload_bytes: int = 64 * 1024 * 1024
+    """Most bytes of uploads waiting to be stored; beyond it a row is logged without its photo."""
+
+    drift_window: int = 500
+    """Recent inputs over which input drift and the low-confidence share are computed."""
+    drift_min_samples: int = 100
+    """Inputs needed in the window before drift is exported."""
+    low_confidence_threshold: float = 0.7
+    """A prediction below this confidence counts as low-confidence."""
+    feedback_token: SecretStr | None = None
+    """When set, ``POST /feedback`` needs ``Authorization: Bearer <token>``: feedback becomes training data."""

@@ -8,10 +8,10 @@ from asgi_lifespan import LifespanManager
 
 from services.api.app import create_app
 from services.api.settings import ApiSettings
-from shared.settings import RegistrySettings
+from shared.settings import DatabaseSettings, RegistrySettings
 from tests.api.fakes import FakeSource
 from tests.api.process import api_process
-from tests.conftest import ARTIFACTS, api_env
+from tests.conftest import ARTIFACTS, api_env, mysql_url_of
 
 
 @pytest.fixture
@@ -20,8 +20,9 @@ def source() -> FakeSource:
 
 
 @pytest.fixture
-def api_settings() -> ApiSettings:
+def api_settings(tmp_path) -> ApiSettings:
     return ApiSettings(
+        database=DatabaseSettings(url=f"sqlite+aiosqlite:///{tmp_path}/api.db"),
         poll_interval_s=0.05,
         retry_initial_s=0.05,
         retry_max_s=0.1,
@@ -60,7 +61,9 @@ def champion_registry(real_champion) -> RegistrySettings:
 
 
 @pytest.fixture(scope="session")
-def api(champion_registry: RegistrySettings) -> Iterator[str]:
-    """One real API process serving the real champion, shared by the modules that need one."""
-    with api_process(api_env(champion_registry, API_POLL_INTERVAL_S="1"), ARTIFACTS / "api.log") as url:
+def api(champion_registry: RegistrySettings, databases) -> Iterator[str]:
+    """One real API process serving the real champion, shared by the modules that need one; its prediction
+    log goes to a MariaDB database of its own."""
+    env = api_env(champion_registry, API_POLL_INTERVAL_S="1", DATABASE_URL=mysql_url_of(databases.create()))
+    with api_process(env, ARTIFACTS / "api.log") as url:
         yield url

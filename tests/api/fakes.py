@@ -27,6 +27,8 @@ class FakeSource:
         self.calls_per_batch: list[int] = []
         self.lock = threading.Lock()
         self.poison_value: float | None = None
+        self.metadata: dict = {}
+        """The loaded model's metadata (e.g. a ``drift_reference``)."""
 
     def resolve(self) -> tuple[str, str]:
         if self.fail:
@@ -44,5 +46,11 @@ class FakeSource:
             return yellowness(x)
 
         return LoadedModel(
-            name="fake-model", version=version, alias="champion", run_id=run_id, labels=LABELS, forward=forward
+            name="fake-model",
+            version=version,
+            alias="champion",
+            run_id=run_id,
+            labels=LABELS,
+            forward=forward,
+            metadata=dict(self.metadata),
         )

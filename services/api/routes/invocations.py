@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
@@ -60,11 +62,13 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 @router.post("/invocations", summary="MLflow-compatible scoring", openapi_extra=OPENAPI)
 async def invocations(request: Request, classifier: ClassifierDep, settings: SettingsDep) -> Response:
+    started = time.perf_counter()
     check_content_type(request.headers.get("content-type"))
     body = await read_body(request, settings.max_body_bytes)
-    content, model = await classifier.invocations(body)
+    content, model, ids = await classifier.invocations(body, started)
     return Response(
         content,
         media_type="application/json",
-        headers={"X-Model-Name": model.name, "X-Model-Version": model.version},
+        # The body stays exactly MLflow's; the ids (for POST /feedback) travel in a header, in input order.
+        headers={"X-Model-Name": model.name, "X-Model-Version": model.version, "X-Prediction-Ids": ",".join(ids)},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,6 +16,7 @@ from services.api.service import Upload
 router = APIRouter(tags=["predict"])
 
 EXAMPLE = {
+    "id": "0f8e1c2a9b7d4e6f8a1b2c3d4e5f6a7b",
     "label": "dandelion",
     "confidence": 0.97,
     "probabilities": {"dandelion": 0.97, "grass": 0.03},
@@ -43,7 +45,8 @@ OPENAPI = {
     },
     "responses": {
         "200": {
-            "description": "One result for one file; a list of results, in order, for several.",
+            "description": "One result for one file; a list of results, in order, for several. `id` identifies "
+            "the prediction for `POST /feedback`.",
             "content": {"application/json": {"example": EXAMPLE}},
         },
         "400": {"description": "Not an image, missing `file`, or too many files"},
@@ -56,6 +59,7 @@ OPENAPI = {
 
 @router.post("/predict", summary="Classify photos as dandelion or grass", openapi_extra=OPENAPI)
 async def predict(request: Request, classifier: ClassifierDep, settings: SettingsDep) -> JSONResponse:
+    started = time.perf_counter()
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         raise UnsupportedMediaType("send the photo as multipart/form-data in the field 'file'")
@@ -74,7 +78,7 @@ async def predict(request: Request, classifier: ClassifierDep, settings: Setting
             uploads.append(Upload(part.filename, await part.read()))
     finally:
         await form.close()
-    answers = await classifier.classify(uploads)
+    answers = await classifier.classify(uploads, started)
     body: Any = answers[0] if len(answers) == 1 else answers
     last = answers[-1]["model"]
     return JSONResponse(body, headers={"X-Model-Name": last["name"], "X-Model-Version": last["version"]})

@@ -1,0 +1,284 @@
+"""The prediction log: every prediction recorded in the ``predictions`` table, off the request path.
+
+:meth:`PredictionLog.record` only appends to a bounded in-memory queue; a background task writes the queue
+in batches (one multi-row INSERT per batch) and, when ``API_STORE_UPLOADS`` is on, puts the uploaded files
+in the object store first. Nothing here can block or fail a request:
+
+- queue full (overload, or a long database outage) -> the record is dropped and counted;
+- database down -> the batch in hand is retried with backoff while the queue buffers; once the queue is
+  full, new records are dropped and counted; writing resumes by itself when the database is back;
+- uploads beyond a byte budget, or an object store that refuses them -> the row is logged without its image
+  and the image counted as dropped.
+
+The database is the shared one (``DATABASE_URL``); the tables are created on the first connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Integer, func, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from services.api.metrics import ApiMetrics
+from shared.db import create_engine, create_tables
+from shared.settings import DatabaseSettings, ObjectStoreSettings
+from shared.storage import ObjectStore, open_store
+from shared.tables import FeedbackRow, PredictionRow
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
+MIME_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif", "bmp": "image/bmp"}
+
+
+@dataclass(slots=True)
+class Record:
+    """One prediction, as the request saw it."""
+
+    id: str
+    endpoint: str
+    model_name: str
+    model_version: str
+    label: str
+    confidence: float
+    latency_ms: float
+    descriptors: dict[str, float]
+    image: bytes | None = None
+    """The uploaded file, kept only while it waits to be stored (``API_STORE_UPLOADS``)."""
+    image_format: str | None = None
+    created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def row(self, image_key: str | None, image_sha256: str | None) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "created_at": self.created_at,
+            "endpoint": self.endpoint,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "label": self.label,
+            "confidence": self.confidence,
+            "latency_ms": self.latency_ms,
+            "image_sha256": image_sha256,
+            "image_key": image_key,
+            **self.descriptors,
+        }
+
+
+def upload_key(record: Record) -> str:
+    ext = EXTENSIONS.get(record.image_format or "", "img")
+    return f"uploads/{record.created_at:%Y/%m/%d}/{record.id}.{ext}"
+
+
+class PredictionLog:
+    def __init__(
+        self,
+        database: DatabaseSettings,
+        metrics: ApiMetrics,
+        *,
+        store: ObjectStoreSettings | None = None,
+        max_queue: int = 10_000,
+        batch_size: int = 500,
+        flush_interval_s: float = 1.0,
+        max_upload_bytes_queued: int = 64 * 1024 * 1024,
+        retry_max_s: float = 30.0,
+        accuracy_refresh_s: float = 30.0,
+    ) -> None:
+        self.database = database
+        self.metrics = metrics
+        self.store_settings = store
+        self.max_queue = max_queue
+        self.batch_size = batch_size
+        self.flush_interval_s = flush_interval_s
+        self.max_upload_bytes_queued = max_upload_bytes_queued
+        self.retry_max_s = retry_max_s
+        self.accuracy_refresh_s = accuracy_refresh_s
+        self._queue: deque[Record] = deque()
+        self._queued_upload_bytes = 0
+        self._wake = asyncio.Event()
+        self._written = asyncio.Condition()
+        self._pending: set[str] = set()
+        """Ids recorded here and not yet written (or dropped): feedback on them waits for the write."""
+        self.engine: AsyncEngine | None = None
+        self.sessions: async_sessionmaker | None = None
+        self.healthy = False
+        self.serving: tuple[str, str] | None = None
+        """``(model name, version)`` whose live accuracy the gauge shows; set by the app on each swap."""
+
+    @property
+    def stores_uploads(self) -> bool:
+        return self.store_settings is not None
+
+    # -- request side: never blocks, never raises -------------------------------------------------
+
+    def record(self, record: Record) -> None:
+        if len(self._queue) >= self.max_queue:
+            self.metrics.log_dropped.labels(reason="queue_full").inc()
+            return
+        if record.image is not None:
+            if self._queued_upload_bytes + len(record.image) > self.max_upload_bytes_queued:
+                record.image = None
+                self.metrics.uploads_dropped.labels(reason="queue_full").inc()
+            else:
+                self._queued_upload_bytes += len(record.image)
+        self._queue.append(record)
+        self._pending.add(record.id)
+        self.metrics.log_queue_depth.set(len(self._queue))
+        if len(self._queue) >= self.batch_size:
+            self._wake.set()
+
+    def pending(self, prediction_id: str) -> bool:
+        return prediction_id in self._pending
+
+    async def wait_written(self, prediction_id: str, timeout_s: float) -> bool:
+        """Wait until a recorded prediction has left the queue; True if it did within ``timeout_s``."""
+        self._wake.set()
+        async with self._written:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._written.wait_for(lambda: prediction_id not in self._pending), timeout_s)
+        return prediction_id not in self._pending
+
+    # -- background side ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Forever: connect (with backoff), then write batches as they come. Cancel to stop (flushes first)."""
+        self.engine = create_engine(self.database)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                store = None
+                if self.store_settings is not None:
+                    # The bucket is the trainer's; no call is made here, so a store that is down fails uploads only.
+                    store = await stack.enter_async_context(open_store(self.store_settings, create_bucket=False))
+                await self._loop(store)
+        finally:
+            await self.engine.dispose()
+
+    async def _loop(self, store: ObjectStore | None) -> None:
+        delay = 0.5
+        created = False
+        batch: list[dict[str, Any]] = []
+        taken: list[Record] = []
+        next_accuracy = 0.0
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                if not batch:
+                    if not self._queue and created:
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
+                        self._wake.clear()  # a record arriving now is still seen: the queue is checked first
+                    taken = self._take()
+                    batch = await self._rows(taken, store) if taken else []
+                try:
+                    if not created:
+                        await create_tables(self.engine)
+                        created = True
+                    if batch:
+                        await self._write(batch)
+                        self.metrics.log_written.inc(len(batch))
+                    if self.serving and loop.time() >= next_accuracy:
+                        await self._refresh_accuracy()
+                        next_accuracy = loop.time() + self.accuracy_refresh_s
+                except (asyncio.CancelledError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:  # any database failure: keep the batch, back off, retry
+                    if self.healthy or delay == 0.5:
+                        log.warning("prediction log: the database refused a write (%s); retrying", _short(exc))
+                    self._set_healthy(False)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, self.retry_max_s)
+                    continue
+                if not self.healthy:
+                    log.info("prediction log: writing again")
+                self._set_healthy(True)
+                delay = 0.5
+                await self._done(taken)
+                batch, taken = [], []
+        except asyncio.CancelledError:
+            # Shutdown: one last attempt at what is in hand and in the queue, bounded in time.
+            with contextlib.suppress(Exception):
+                rows = batch + (await self._rows(self._take(self.max_queue), None))
+                if rows and created:
+                    await asyncio.wait_for(self._write(rows), 5.0)
+            raise
+
+    def _take(self, limit: int | None = None) -> list[Record]:
+        taken = []
+        while self._queue and len(taken) < (limit or self.batch_size):
+            record = self._queue.popleft()
+            if record.image is not None:
+                self._queued_upload_bytes -= len(record.image)
+            taken.append(record)
+        self.metrics.log_queue_depth.set(len(self._queue))
+        return taken
+
+    async def _rows(self, records: list[Record], store: ObjectStore | None) -> list[dict[str, Any]]:
+        """Rows for ``records``, after storing their uploads (concurrently; a failed upload loses only itself)."""
+
+        async def one(record: Record) -> dict[str, Any]:
+            if record.image is None or store is None:
+                return record.row(None, None)
+            data, record.image = record.image, None
+            key = upload_key(record)
+            try:
+                await store.put(key, data, MIME_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream"))
+            except Exception as exc:
+                self.metrics.uploads_dropped.labels(reason="store_error").inc()
+                log.warning("prediction log: upload %s not stored (%s)", record.id, _short(exc))
+                return record.row(None, hashlib.sha256(data).hexdigest())
+            return record.row(key, hashlib.sha256(data).hexdigest())
+
+        return list(await asyncio.gather(*(one(r) for r in records)))
+
+    async def _write(self, rows: list[dict[str, Any]]) -> None:
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(insert(PredictionRow), rows)
+        except IntegrityError:
+            # A retried batch whose first attempt did commit: write row by row, skipping those already there.
+            async with self.sessions() as session:
+                ids = [r["id"] for r in rows]
+                present = set((await session.scalars(select(PredictionRow.id).where(PredictionRow.id.in_(ids)))).all())
+            missing = [r for r in rows if r["id"] not in present]
+            if missing:
+                async with self.engine.begin() as conn:
+                    await conn.execute(insert(PredictionRow), missing)
+
+    async def _done(self, records: list[Record]) -> None:
+        if not records:
+            return
+        self._pending.difference_update(r.id for r in records)
+        async with self._written:
+            self._written.notify_all()
+
+    async def _refresh_accuracy(self) -> None:
+        name, version = self.serving
+        query = (
+            select(func.count(), func.sum((PredictionRow.label == FeedbackRow.label).cast(Integer)))
+            .select_from(FeedbackRow)
+            .join(PredictionRow, PredictionRow.id == FeedbackRow.prediction_id)
+            .where(PredictionRow.model_name == name, PredictionRow.model_version == version)
+        )
+        async with self.sessions() as session:
+            total, correct = (await session.execute(query)).one()
+        self.metrics.live_accuracy_samples.set(total or 0)
+        self.metrics.live_accuracy.set(float(correct or 0) / total if total else float("nan"))
+
+    def _set_healthy(self, healthy: bool) -> None:
+        self.healthy = healthy
+        self.metrics.log_healthy.set(1 if healthy else 0)
+
+
+def _short(exc: BaseException) -> str:
+    detail = str(getattr(exc, "orig", None) or exc).splitlines()
+    return f"{type(exc).__name__}: {detail[0][:200] if detail else ''}"
+

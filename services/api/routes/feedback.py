@@ -1,0 +1,110 @@
+"""``POST /feedback``: the true label of a served prediction, for live accuracy and the next training run."""
+
+from __future__ import annotations
+
+import hmac
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from services.api.deps import RuntimeDep, SettingsDep
+from services.api.errors import BadRequest, Conflict, NotFound, Unauthorized, Unavailable
+from services.api.responses import JSONResponse
+from shared.labels import LABELS
+from shared.tables import FeedbackRow, PredictionRow
+
+router = APIRouter(tags=["feedback"])
+
+PREDICTION_ID = re.compile(r"^[0-9a-f]{32}$")
+WAIT_FOR_LOG_S = 5.0
+"""How long feedback on a prediction this replica has not written yet waits for the write."""
+
+
+class Feedback(BaseModel):
+    prediction_id: str = Field(description="The `id` of a `/predict` answer (or one of `/invocations`' ids).")
+    label: str = Field(description="The true label: `dandelion` or `grass`.")
+
+    model_config = {
+        "json_schema_extra": {"examples": [{"prediction_id": "0f8e1c2a9b7d4e6f8a1b2c3d4e5f6a7b", "label": "grass"}]}
+    }
+
+
+RESPONSES = {
+    200: {"description": "The same label was already recorded for this prediction (nothing changed)"},
+    201: {"description": "Recorded"},
+    400: {"description": "Malformed id, unknown label or invalid body"},
+    401: {"description": "`API_FEEDBACK_TOKEN` is set and the bearer token is missing or wrong"},
+    404: {"description": "No prediction with this id (or it was dropped from the log under overload)"},
+    409: {"description": "A different label was already recorded for this prediction"},
+    503: {"description": "The prediction log is off or its database is unavailable"},
+}
+
+
+@router.post("/feedback", summary="Tell the true label of a prediction", status_code=201, responses=RESPONSES)
+async def feedback(
+    body: Feedback,
+    request: Request,
+    runtime: RuntimeDep,
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> JSONResponse:
+    token = settings.feedback_token.get_secret_value() if settings.feedback_token else ""
+    if token and not hmac.compare_digest(f"Bearer {token}".encode(), (authorization or "").encode()):
+        raise Unauthorized("feedback needs 'Authorization: Bearer <API_FEEDBACK_TOKEN>'")
+    if not PREDICTION_ID.fullmatch(body.prediction_id):
+        raise BadRequest("prediction_id must be the 32 hexadecimal characters of a prediction's id")
+    known = runtime.current.labels if runtime.current else LABELS
+    if body.label not in known:
+        raise BadRequest(f"unknown label; expected one of {', '.join(known)}")
+    predlog = request.app.state.predlog
+    if predlog is None:
+        raise Unavailable("feedback needs the prediction log, which is off (API_PREDICTION_LOG=false)")
+    if predlog.pending(body.prediction_id):
+        await predlog.wait_written(body.prediction_id, WAIT_FOR_LOG_S)
+    if predlog.sessions is None:
+        raise Unavailable("the prediction log is starting; retry")
+    try:
+        return await _record(predlog, body, request.app.state.metrics)
+    except (NotFound, Conflict):
+        raise
+    except Exception as exc:
+        raise Unavailable(f"the database is unavailable: {type(exc).__name__}") from exc
+
+
+async def _record(predlog, body: Feedback, metrics) -> JSONResponse:
+    async with predlog.sessions() as session:
+        prediction = await session.get(PredictionRow, body.prediction_id)
+        if prediction is None:
+            raise NotFound(f"no prediction {body.prediction_id} in the log")
+        existing = await session.get(FeedbackRow, body.prediction_id)
+        if existing is None:
+            session.add(FeedbackRow(prediction_id=body.prediction_id, label=body.label))
+            try:
+                await session.commit()
+            except IntegrityError:  # the same feedback, sent twice at once: the other one won
+                await session.rollback()
+                existing = (
+                    await session.scalars(select(FeedbackRow).where(FeedbackRow.prediction_id == body.prediction_id))
+                ).one()
+            else:
+                outcome = "correct" if prediction.label == body.label else "wrong"
+                metrics.feedback.labels(version=prediction.model_version, outcome=outcome).inc()
+                return JSONResponse(_answer(prediction, body.label, "recorded"), status_code=201)
+        if existing.label != body.label:
+            raise Conflict(f"prediction {body.prediction_id} already has the label {existing.label!r}")
+        return JSONResponse(_answer(prediction, existing.label, "unchanged"), status_code=200)
+
+
+def _answer(prediction: PredictionRow, label: str, status: str) -> dict[str, object]:
+    return {
+        "prediction_id": prediction.id,
+        "label": label,
+        "predicted": prediction.label,
+        "correct": prediction.label == label,
+        "model": {"name": prediction.model_name, "version": prediction.model_version},
+        "status": status,
+    }

@@ -1,0 +1,103 @@
+"""Input drift gauges with a fake model whose reference is built from crafted photos."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import ImageEnhance
+
+from services.api.drift import DriftMonitor
+from services.api.settings import ApiSettings
+from shared.descriptors import DESCRIPTOR_COLUMNS, prepare
+from shared.drift import PSI_THRESHOLD, Reference, as_rows, worst
+from tests.api.fakes import FakeSource
+from tests.api.test_prediction_log import metric, serving
+from tests.crafted import crafted, crafted_jpeg
+
+
+def darkened_jpeg(label: str, seed: int, factor: float = 0.45) -> bytes:
+    buffer = io.BytesIO()
+    ImageEnhance.Brightness(crafted(label, seed)).enhance(factor).save(buffer, "JPEG", quality=92)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reference() -> Reference:
+    photos = [crafted_jpeg(label, seed) for label in ("dandelion", "grass") for seed in range(150)]
+    descriptors = [prepare(photo).descriptors for photo in photos]
+    return Reference.build({c: [d[c] for d in descriptors] for c in DESCRIPTOR_COLUMNS}, "crafted:v1 train split")
+
+
+def psi_by_feature(text: str) -> dict[str, float]:
+    return {c: v for c in DESCRIPTOR_COLUMNS if (v := metric(text, "model_input_drift_psi", feature=c)) is not None}
+
+
+async def test_darkened_photos_move_the_gauge_and_normal_ones_do_not(reference: Reference, tmp_path) -> None:
+    source = FakeSource()
+    source.metadata = {"drift_reference": reference.to_dict()}
+    settings = ApiSettings(prediction_log=False, drift_window=150, drift_min_samples=100)
+    async with serving(settings, source) as (_, client):
+        for seed in range(150):  # new photos like the reference's: both classes, alternately
+            label = ("grass", "dandelion")[seed % 2]
+            await client.post("/predict", files={"file": ("p.jpg", crafted_jpeg(label, 5000 + seed))})
+            if seed == 98:
+                text = (await client.get("/metrics")).text
+                assert metric(text, "model_drift_window_samples") == 99
+                assert psi_by_feature(text) == {}  # too few inputs to say anything
+        normal = psi_by_feature((await client.get("/metrics")).text)
+        assert set(normal) == set(DESCRIPTOR_COLUMNS)
+        assert worst(normal)[1] < PSI_THRESHOLD, normal
+        for seed in range(150):  # the window turns over: only darkened photos in it
+            await client.post("/predict", files={"file": ("d.jpg", darkened_jpeg("grass", 7000 + seed))})
+        dark = psi_by_feature((await client.get("/metrics")).text)
+    _, value = worst(dark)
+    assert value > PSI_THRESHOLD, dark
+    assert dark["hsv_v_mean"] > PSI_THRESHOLD and dark["rgb_g_mean"] > PSI_THRESHOLD  # darker, in the right places
+    assert dark["width"] < 0.1 and dark["height"] < 0.1  # same sizes
+
+
+async def test_a_model_without_reference_exports_no_drift_but_still_the_confidence_share(tmp_path) -> None:
+    settings = ApiSettings(prediction_log=False, drift_window=10, drift_min_samples=5, low_confidence_threshold=0.99)
+    async with serving(settings, FakeSource()) as (_, client):
+        for seed in range(6):
+            await client.post("/predict", files={"file": ("g.jpg", crafted_jpeg("grass", seed))})
+        text = (await client.get("/metrics")).text
+    assert psi_by_feature(text) == {}
+    assert metric(text, "model_drift_window_samples") == 6
+    share = metric(text, "model_low_confidence_share")
+    assert share is not None and 0.0 <= share <= 1.0
+
+
+def test_monitor_window_is_a_ring_and_the_scores_equal_shared_drift(reference: Reference) -> None:
+    monitor = DriftMonitor(window=50, min_samples=10, low_confidence=0.8)
+    monitor.set_reference({"drift_reference": reference.to_dict()}, "m v1")
+    descriptors = [prepare(darkened_jpeg("grass", s)).descriptors for s in range(70)]
+    for i, d in enumerate(descriptors):
+        monitor.observe(d, confidence=0.5 if i % 5 == 0 else 0.95)
+    rows, confidence = monitor.snapshot()
+    assert len(rows) == 50
+    assert sorted(map(tuple, rows)) == sorted(map(tuple, as_rows(descriptors[20:])))  # the 50 newest
+    assert monitor.scores() == pytest.approx(reference.psi(as_rows(descriptors[20:])))
+    assert np.mean(confidence < 0.8) == pytest.approx(0.2)
+
+
+def test_reference_round_trip_and_malformed_ones(reference: Reference) -> None:
+    assert Reference.from_dict(reference.to_dict()) == reference
+    for broken in ({}, {"features": {}, "samples": 3}, {"features": {"width": {"edges": [1]}}, "samples": 1}):
+        with pytest.raises(ValueError):
+            Reference.from_dict(broken)
+    monitor = DriftMonitor()
+    monitor.set_reference({"drift_reference": {"features": "nonsense"}}, "m v2")
+    assert monitor.reference is None
+
+
+def test_psi_is_near_zero_on_the_reference_itself_and_large_on_a_shift() -> None:
+    rng = np.random.default_rng(1)
+    values = {c: rng.normal(0.5, 0.1, 2000) for c in DESCRIPTOR_COLUMNS}
+    reference = Reference.build(values)
+    same = reference.psi(np.column_stack([rng.normal(0.5, 0.1, 1000) for _ in DESCRIPTOR_COLUMNS]))
+    shifted = reference.psi(np.column_stack([rng.normal(0.6, 0.1, 1000) for _ in DESCRIPTOR_COLUMNS]))
+    assert max(same.values()) < 0.05
+    assert min(shifted.values()) > PSI_THRESHOLD
