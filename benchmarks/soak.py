@@ -4,7 +4,10 @@ Starts ``python -m services.api`` on 127.0.0.1 (model from the usual environment
 ``MODEL_NAME``, ...) or uses ``--url``; runs ``--concurrency`` workers for ``--seconds`` over
 ``/predict`` (real photos), ``/invocations`` (seed-style JSON), ``/model``, ``/health/ready`` and one
 deliberate bad request (must answer 400); samples the API's RSS every second from ``/proc``; prints errors
-(5xx, transport errors, any unexpected status), p50/p95/p99 per endpoint and RSS start/end/growth.
+(5xx, transport errors, any unexpected status), p50/p95/p99 per endpoint, and RSS: start, peak, and growth
+after a warm-up (``--warmup``, 20 s) measured robustly — the median RSS of the first and of the last 30 s of
+the steady part, and a least-squares trend in MiB per minute — because a single sample swings by +-15 % with
+the number of request bodies in flight.
 Exits 1 on any error.
 
     python -m benchmarks.soak --seconds 120 --concurrency 32
@@ -105,7 +108,33 @@ class Results:
     latencies: dict[str, list[float]] = field(default_factory=lambda: {kind: [] for kind in MIX})
     errors: Counter[str] = field(default_factory=Counter)
     rss_kib: list[int] = field(default_factory=list)
+    rss_at: list[float] = field(default_factory=list)
+    """Seconds since the load started, one per ``rss_kib`` sample."""
     seconds: float = 0.0
+    warmup_s: float = 20.0
+
+    def rss_report(self, window_s: float = 30.0) -> dict:
+        rss = np.array(self.rss_kib, dtype=np.float64) / 1024
+        at = np.array(self.rss_at, dtype=np.float64)
+        report: dict = {
+            "start": round(float(rss[0]), 1) if len(rss) else None,
+            "end": round(float(rss[-1]), 1) if len(rss) else None,
+            "peak": round(float(rss.max()), 1) if len(rss) else None,
+            "warmup_s": self.warmup_s,
+        }
+        steady = at >= self.warmup_s
+        if steady.sum() >= 4 and at[steady][-1] - at[steady][0] >= 2 * window_s:
+            t, r = at[steady], rss[steady]
+            first = float(np.median(r[t <= t[0] + window_s]))
+            last = float(np.median(r[t >= t[-1] - window_s]))
+            slope = float(np.polyfit(t / 60, r, 1)[0])
+            report.update(
+                steady_first_median=round(first, 1),
+                steady_last_median=round(last, 1),
+                growth_percent=round(100 * (last - first) / first, 1),
+                trend_mib_per_min=round(slope, 2),
+            )
+        return report
 
     def report(self) -> dict:
         total = sum(len(v) for v in self.latencies.values())
@@ -118,7 +147,6 @@ class Results:
                 "p95_ms": round(float(np.percentile(ms, 95)), 1),
                 "p99_ms": round(float(np.percentile(ms, 99)), 1),
             }
-        rss = self.rss_kib
         return {
             "seconds": round(self.seconds, 1),
             "requests": total,
@@ -126,12 +154,7 @@ class Results:
             "errors": sum(self.errors.values()),
             "error_kinds": dict(self.errors),
             "endpoints": endpoints,
-            "rss_mib": {
-                "start": round(rss[0] / 1024, 1) if rss else None,
-                "end": round(rss[-1] / 1024, 1) if rss else None,
-                "peak": round(max(rss) / 1024, 1) if rss else None,
-                "growth_percent": round(100 * (rss[-1] - rss[0]) / rss[0], 1) if rss else None,
-            },
+            "rss_mib": self.rss_report(),
         }
 
 
@@ -148,12 +171,14 @@ def seed_bodies() -> list[bytes]:
     return [orjson.dumps({"inputs": image.tolist()}) for image in images]
 
 
-async def soak(url: str, pid: int | None, seconds: float, concurrency: int, data: Path) -> Results:
+async def soak(
+    url: str, pid: int | None, seconds: float, concurrency: int, data: Path, warmup_s: float = 20.0
+) -> Results:
     if urlsplit(url).hostname not in ("127.0.0.1", "localhost"):
         raise SystemExit("the soak test only talks to 127.0.0.1")
     images, bodies = photos(data), seed_bodies()
     kinds = [kind for kind, weight in MIX.items() for _ in range(weight)]
-    results = Results()
+    results = Results(warmup_s=warmup_s)
     stop_at = time.monotonic() + seconds
 
     async def one(client: httpx.AsyncClient, kind: str, n: int) -> httpx.Response:
@@ -185,23 +210,26 @@ async def soak(url: str, pid: int | None, seconds: float, concurrency: int, data
             if response.status_code != EXPECTED[kind]:
                 results.errors[f"{kind}: HTTP {response.status_code}"] += 1
 
+    def sample() -> None:
+        if pid is not None and (value := rss_kib(pid)) is not None:
+            results.rss_kib.append(value)
+            results.rss_at.append(time.monotonic() - started)
+
     async def sample_rss() -> None:
         while pid is not None:
-            if (value := rss_kib(pid)) is not None:
-                results.rss_kib.append(value)
+            sample()
             await asyncio.sleep(1)
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        sampler = asyncio.create_task(sample_rss())
         started = time.monotonic()
+        sampler = asyncio.create_task(sample_rss())
         await asyncio.gather(*(worker(client, i) for i in range(concurrency)))
         results.seconds = time.monotonic() - started
         sampler.cancel()
         with suppress(asyncio.CancelledError):
             await sampler
-        if pid is not None and (value := rss_kib(pid)) is not None:
-            results.rss_kib.append(value)
+        sample()
     return results
 
 
@@ -217,7 +245,13 @@ def print_report(report: dict, concurrency: int) -> None:
         print(f"  {kind:<12} {e['requests']:>8} {e['p50_ms']:>8} {e['p95_ms']:>8} {e['p99_ms']:>8}")
     rss = report["rss_mib"]
     if rss["start"] is not None:
-        print(f"  RSS MiB: start {rss['start']}, end {rss['end']}, peak {rss['peak']}, growth {rss['growth_percent']}%")
+        print(f"  RSS MiB: start {rss['start']}, end {rss['end']}, peak {rss['peak']}")
+    if "growth_percent" in rss:
+        print(
+            f"  RSS after {rss['warmup_s']:g} s warm-up: median {rss['steady_first_median']} MiB (first 30 s) -> "
+            f"{rss['steady_last_median']} MiB (last 30 s), growth {rss['growth_percent']}%, "
+            f"trend {rss['trend_mib_per_min']:+} MiB/min"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -226,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pid", type=int, help="with --url: the API's process id, to sample its RSS")
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--warmup", type=float, default=20, help="seconds of load before RSS growth is measured")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="photos in dandelion/ and grass/")
     parser.add_argument("--log", type=Path, default=REPO / "var" / "soak-api.log", help="the started API's log")
     parser.add_argument("--ready-timeout", type=float, default=180)
@@ -233,11 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.url:
-        results = asyncio.run(soak(args.url, args.pid, args.seconds, args.concurrency, args.data))
+        results = asyncio.run(soak(args.url, args.pid, args.seconds, args.concurrency, args.data, args.warmup))
     else:
         args.log.parent.mkdir(parents=True, exist_ok=True)
         with start_api(args.log, args.ready_timeout) as (url, pid):
-            results = asyncio.run(soak(url, pid, args.seconds, args.concurrency, args.data))
+            results = asyncio.run(soak(url, pid, args.seconds, args.concurrency, args.data, args.warmup))
     report = results.report()
     print_report(report, args.concurrency)
     if args.json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -162,3 +163,55 @@ class TcpProxy:
                 except OSError:
                     pass
             self._conns.clear()
+
+
+class PrivateMariaDB:
+    """A MariaDB server of the test's own (its own data directory and port) that can really be stopped and
+    started again, unlike the machine's shared one, which the MLflow server and other tests use."""
+
+    def __init__(self, root: Path, log: Path) -> None:
+        self.root = root
+        self.log = log
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.datadir = root / "data"
+
+    @property
+    def url(self) -> str:
+        return f"mysql+asyncmy://root@127.0.0.1:{self.port}/dg"
+
+    def _answers(self) -> bool:
+        import pymysql
+
+        try:
+            conn = pymysql.connect(host="127.0.0.1", port=self.port, user="root", password="", connect_timeout=2)
+        except pymysql.MySQLError:
+            return False  # not listening yet
+        with conn.cursor() as cursor:
+            cursor.execute("CREATE DATABASE IF NOT EXISTS dg")
+        conn.close()
+        return True
+
+    def start(self) -> PrivateMariaDB:
+        if not self.datadir.exists():
+            subprocess.run(
+                ["mariadb-install-db", "--no-defaults", f"--datadir={self.datadir}", "--user=root",
+                 "--auth-root-authentication-method=normal", "--skip-test-db"],
+                check=True, capture_output=True,
+            )  # fmt: skip
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [shutil.which("mariadbd") or "/usr/sbin/mariadbd", "--no-defaults", f"--datadir={self.datadir}",
+                 f"--port={self.port}",
+                 f"--socket={self.root / 'mysqld.sock'}", "--bind-address=127.0.0.1", "--user=root",
+                 "--skip-name-resolve", "--innodb-buffer-pool-size=32M", f"--pid-file={self.root / 'mysqld.pid'}"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        wait_until(self._answers, self.process, 60, self.log, "private MariaDB")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process, signal.SIGTERM, timeout=30)
+            self.process = None

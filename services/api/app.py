@@ -118,6 +118,7 @@ def _prediction_log(settings: ApiSettings, metrics: ApiMetrics) -> PredictionLog
         batch_size=settings.prediction_log_batch_size,
         flush_interval_s=settings.prediction_log_flush_interval_s,
         max_upload_bytes_queued=settings.prediction_log_max_upload_bytes,
+        accuracy_refresh_s=settings.live_accuracy_refresh_s,
     )
 
 

@@ -90,6 +90,11 @@ class ApiMetrics:
             "model_live_accuracy_samples", "Predictions of the served version that have feedback.", registry=r
         )
 
+        for reason in ("queue_full",):
+            self.log_dropped.labels(reason=reason)  # exported as 0 from the start, not only after a first drop
+        for reason in ("queue_full", "store_error"):
+            self.uploads_dropped.labels(reason=reason)
+
     def served(self, labels: Sequence[str], confidences: Sequence[float]) -> None:
         for label, confidence in zip(labels, confidences, strict=True):
             self.predictions.labels(label=label).inc()

@@ -164,7 +164,7 @@ class PredictionLog:
 
     async def _loop(self, store: ObjectStore | None) -> None:
         delay = 0.5
-        created = False
+        created = failing = False
         batch: list[dict[str, Any]] = []
         taken: list[Record] = []
         next_accuracy = 0.0
@@ -191,14 +191,16 @@ class PredictionLog:
                 except (asyncio.CancelledError, KeyboardInterrupt):
                     raise
                 except Exception as exc:  # any database failure: keep the batch, back off, retry
-                    if self.healthy or delay == 0.5:
+                    if not failing:
                         log.warning("prediction log: the database refused a write (%s); retrying", _short(exc))
+                    failing = True
                     self._set_healthy(False)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.retry_max_s)
                     continue
-                if not self.healthy:
+                if failing:
                     log.info("prediction log: writing again")
+                    failing = False
                 self._set_healthy(True)
                 delay = 0.5
                 await self._done(taken)
@@ -281,4 +283,3 @@ class PredictionLog:
 def _short(exc: BaseException) -> str:
     detail = str(getattr(exc, "orig", None) or exc).splitlines()
     return f"{type(exc).__name__}: {detail[0][:200] if detail else ''}"
-

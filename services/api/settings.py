@@ -71,6 +71,8 @@ class ApiSettings(BaseSettings):
     prediction_log_flush_interval_s: float = 1.0
     prediction_log_max_upload_bytes: int = 64 * 1024 * 1024
     """Most bytes of uploads waiting to be stored; beyond it a row is logged without its photo."""
+    live_accuracy_refresh_s: float = 30.0
+    """How often the live-accuracy gauge is recomputed from the feedback in the database."""
 
     drift_window: int = 500
     """Recent inputs over which input drift and the low-confidence share are computed."""

@@ -116,14 +116,15 @@ def page(browser: Browser, api: str, recorded: Recorded) -> Iterator[Page]:
 
 
 def check_traffic(api: str, recorded: Recorded) -> None:
-    """Only this server is contacted; besides the page and its assets, only POST /predict; no script errors."""
+    """Only this server is contacted; besides the page and its assets, only POST /predict and /feedback; no
+    script errors."""
     origin = urlparse(api)
     for method, url in recorded.requests:
         parsed = urlparse(url)
         if parsed.scheme == "blob":
             continue
         assert (parsed.scheme, parsed.netloc) == (origin.scheme, origin.netloc), f"the page contacted {url}"
-        assert (method, parsed.path) == ("POST", "/predict") or (
+        assert (method, parsed.path) in {("POST", "/predict"), ("POST", "/feedback")} or (
             method == "GET" and (parsed.path == "/" or parsed.path.startswith("/static/"))
         ), f"the page made an unexpected request: {method} {url}"
     assert recorded.page_errors == []
@@ -184,6 +185,24 @@ def test_real_photos_get_their_labels(page: Page, photos: dict[str, Path], model
     assert_classified(oldest, "dandelion", model)
     assert_classified(newest, "grass", model)
     assert predictions(recorded) == 2
+
+
+def test_telling_the_page_an_answer_was_wrong_records_the_true_label(
+    page: Page, api: str, photos: dict[str, Path], recorded
+) -> None:
+    with page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
+        page.set_input_files("#file", str(photos["dandelion"]))
+    settle(page, 1)
+    prediction_id = answer.value.json()["id"]
+    feedback = page.locator("#results .card .feedback")
+    assert feedback.is_visible() and "Right?" in feedback.inner_text()
+    page.get_by_role("button", name="No, it is grass").click()
+    page.wait_for_function("() => document.querySelector('#results .card .feedback').dataset.status", timeout=WAIT_MS)
+    assert feedback.inner_text() == "Thanks: recorded as grass."
+    # Recorded server-side: the same label again is "unchanged", another one a conflict.
+    again = httpx.post(f"{api}/feedback", json={"prediction_id": prediction_id, "label": "grass"}, timeout=30)
+    assert again.status_code == 200 and again.json()["status"] == "unchanged"
+    assert httpx.post(f"{api}/feedback", json={"prediction_id": prediction_id, "label": "dandelion"}).status_code == 409
 
 
 def test_a_text_file_gets_a_clear_error(page: Page, tmp_path: Path, recorded) -> None:

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 def traffic(urls: list[str], data_dir: Path, seconds: float) -> dict[int, int]:
-    """Mixed traffic on every replica: photos of both classes, seed-style JSON, some bad requests."""
+    """Mixed traffic on every replica: photos of both classes (each answer followed by feedback with the photo's
+    true label), seed-style JSON, some bad requests."""
     photos = sorted((data_dir / "dandelion").glob("*.jpg"))[:10] + sorted((data_dir / "grass").glob("*.jpg"))[:10]
     seed = orjson.dumps({"inputs": [np.full((224, 224, 3), 0.3, np.float32)]}, option=orjson.OPT_SERIALIZE_NUMPY)
     statuses: dict[int, int] = {}
@@ -32,8 +33,11 @@ def traffic(urls: list[str], data_dir: Path, seconds: float) -> dict[int, int]:
         while time.monotonic() < deadline:
             for url in urls:
                 photo = rng.choice(photos)
+                answer = client.post(f"{url}/predict", files={"file": (photo.name, photo.read_bytes())})
+                truth = {"prediction_id": answer.json()["id"], "label": photo.parent.name}
                 responses = [
-                    client.post(f"{url}/predict", files={"file": (photo.name, photo.read_bytes())}),
+                    answer,
+                    client.post(f"{url}/feedback", json=truth),
                     client.post(f"{url}/invocations", content=seed, headers={"content-type": "application/json"}),
                     client.post(f"{url}/predict", files={"file": ("notes.jpg", b"not an image")}),
                     client.get(f"{url}/model"),
@@ -43,9 +47,10 @@ def traffic(urls: list[str], data_dir: Path, seconds: float) -> dict[int, int]:
     return statuses
 
 
-def test_every_panel_returns_data_and_every_alert_evaluates(real_champion, data_dir: Path) -> None:
+def test_every_panel_returns_data_and_every_alert_evaluates(real_champion, data_dir: Path, mysql_url: str) -> None:
     settings, _ = real_champion
-    env = api_env(settings.registry)
+    # Both replicas log to one database, as in production; drift is exported early so its panel has data.
+    env = api_env(settings.registry, DATABASE_URL=mysql_url, API_DRIFT_MIN_SAMPLES="5", API_LIVE_ACCURACY_REFRESH_S="1")
     with (
         api_process(env, ARTIFACTS / "api-replica-1.log") as first,
         api_process(env, ARTIFACTS / "api-replica-2.log") as second,
@@ -58,7 +63,7 @@ def test_every_panel_returns_data_and_every_alert_evaluates(real_champion, data_
             background.start()
             statuses = traffic([first, second], data_dir, 8.0)
             background.join()
-            assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0
+            assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0 and statuses.get(201, 0) > 0
             prometheus.wait_for_scrapes(3)
 
             empty = []

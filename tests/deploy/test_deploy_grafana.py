@@ -45,6 +45,17 @@ CONTRACT_METRICS = {
     "model_batch_size_sum",
     "model_batch_size_count",
     "model_batch_queue_depth",
+    "model_input_drift_psi",
+    "model_drift_window_samples",
+    "model_low_confidence_share",
+    "model_feedback_total",
+    "model_live_accuracy",
+    "model_live_accuracy_samples",
+    "prediction_log_written_total",
+    "prediction_log_dropped_total",
+    "prediction_log_uploads_dropped_total",
+    "prediction_log_queue_depth",
+    "prediction_log_healthy",
     "process_resident_memory_bytes",
     "process_cpu_seconds_total",
     "process_open_fds",
@@ -174,6 +185,10 @@ def test_required_panels(dashboard: dict[str, Any]) -> None:
         "Batch size": "model_batch_size",
         "Replicas up": 'up{job="api"}',
         "Replicas ready": "model_ready",
+        "Input drift (PSI) by feature": "model_input_drift_psi",
+        "Low-confidence share": "model_low_confidence_share",
+        "Live accuracy (feedback)": "model_live_accuracy",
+        "Prediction log: written / dropped": "prediction_log_dropped_total",
     }
     for title, needle in required.items():
         assert title in exprs_by_title, f"missing panel {title!r}"
@@ -190,6 +205,7 @@ def test_queries_use_only_contract_metrics(dashboard: dict[str, Any]) -> None:
             expr = re.sub(r"\[[^\]]*\]", "", expr)  # drop range selectors
             expr = re.sub(r"\{[^}]*\}", "", expr)  # drop matchers
             expr = re.sub(r"\$\w+", "", expr)  # Grafana variables
+            expr = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", r"\1", expr)  # grouping labels
             identifiers = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr))
             unknown = identifiers - CONTRACT_METRICS - PROMQL_WORDS
             assert not unknown, f"{panel['title']}: not a contract metric: {sorted(unknown)}"

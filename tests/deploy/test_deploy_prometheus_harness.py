@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from deploy_support import ALERTS_PATH, DASHBOARD_PATH, require_tool
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_harness import (
     PrometheusHarness,
     PrometheusQueryError,
@@ -18,41 +19,44 @@ from prometheus_harness import (
     substitute_grafana_variables,
 )
 
-CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+from services.api.drift import DriftMonitor
+from services.api.metrics import ApiMetrics
+from shared.descriptors import DESCRIPTOR_COLUMNS
+from shared.drift import Reference
 
 
 def _fake_api_registry(version: str) -> CollectorRegistry:
-    """The API's metric names (the contract), with made-up values."""
-    registry = CollectorRegistry()
-    ProcessCollector(registry=registry)
+    """The API's own metric objects (``ApiMetrics``, ``DriftMonitor``: the contract), fed made-up values, plus
+    the instrumentator's http_* series."""
+    metrics = ApiMetrics()
+    registry = metrics.registry
     requests = Counter("http_requests_total", "Requests", ["handler", "method", "status"], registry=registry)
     duration = Histogram("http_request_duration_seconds", "Latency", ["handler", "method"], registry=registry)
-    predictions = Counter("model_predictions_total", "Predictions", ["label"], registry=registry)
-    confidence = Histogram("model_prediction_confidence", "Confidence", buckets=CONFIDENCE_BUCKETS, registry=registry)
-    inference = Histogram("model_inference_seconds", "Forward pass", registry=registry)
-    info = Gauge("model_info", "Loaded model", ["name", "version", "alias", "run_id"], registry=registry)
-    ready = Gauge("model_ready", "Model loaded", registry=registry)
-    load_failures = Counter("model_load_failures_total", "Load failures", registry=registry)
-    reloads = Counter("model_reloads_total", "Reloads", registry=registry)
-    batch_size = Histogram("model_batch_size", "Batch size", buckets=(1, 2, 4, 8, 16, 32, 64), registry=registry)
-    queue_depth = Gauge("model_batch_queue_depth", "Queued requests", registry=registry)
-
     for handler, method in (("/predict", "POST"), ("/invocations", "POST"), ("/model", "GET")):
         requests.labels(handler, method, "2xx").inc(40)
         requests.labels(handler, method, "4xx").inc(2)
         duration.labels(handler, method).observe(0.08)
         duration.labels(handler, method).observe(0.3)
     requests.labels("/predict", "POST", "5xx").inc(1)
-    for label, conf in (("dandelion", 0.97), ("grass", 0.88), ("grass", 0.64)):
-        predictions.labels(label).inc()
-        confidence.observe(conf)
-    inference.observe(0.02)
-    info.labels("dandelion-grass", version, "champion", f"run-{version}").set(1)
-    ready.set(1)
-    reloads.inc()
-    load_failures.inc(0)
-    batch_size.observe(4)
-    queue_depth.set(0)
+    metrics.served(["dandelion", "grass", "grass"], [0.97, 0.88, 0.64])
+    metrics.inference_seconds.observe(0.02)
+    metrics.model_loaded("dandelion-grass", version, "champion", f"run-{version}")
+    metrics.batch_size.observe(4)
+    metrics.queue_depth.set(0)
+    metrics.log_written.inc(3)
+    metrics.log_queue_depth.set(0)
+    metrics.log_healthy.set(1)
+    metrics.feedback.labels(version=version, outcome="correct").inc(2)
+    metrics.feedback.labels(version=version, outcome="wrong").inc()
+    metrics.live_accuracy.set(2 / 3)
+    metrics.live_accuracy_samples.set(3)
+    rng = np.random.default_rng(int(version))
+    reference = Reference.build({c: rng.random(100) for c in DESCRIPTOR_COLUMNS})
+    drift = DriftMonitor(window=50, min_samples=10)
+    drift.set_reference({"drift_reference": reference.to_dict()}, "m")
+    for _ in range(20):
+        drift.observe(dict(zip(DESCRIPTOR_COLUMNS, rng.random(len(DESCRIPTOR_COLUMNS)).tolist(), strict=True)), 0.9)
+    registry.register(drift)
     return registry
 
 

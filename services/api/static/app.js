@@ -1,4 +1,5 @@
-// Dandelion or grass: the upload page. Plain JavaScript, no framework; it calls POST /predict and nothing else.
+// Dandelion or grass: the upload page. Plain JavaScript, no framework; it calls POST /predict, and POST /feedback
+// when the user says whether an answer was right.
 "use strict";
 
 (() => {
@@ -208,6 +209,9 @@
     card.querySelector(".confidence").textContent = "";
     card.querySelector(".bars").replaceChildren();
     card.querySelector(".meta").replaceChildren();
+    const feedback = card.querySelector(".feedback");
+    feedback.hidden = true;
+    feedback.replaceChildren();
     const error = card.querySelector(".error");
     error.hidden = true;
     error.replaceChildren();
@@ -233,6 +237,50 @@
     timing.className = "timing";
     timing.textContent = `${Math.round(ms)} ms`;
     meta.replaceChildren(model, " · ", timing);
+    if (typeof body.id === "string") showFeedback(card, body);
+  }
+
+  // "Was this right?": the answer goes to POST /feedback, which records the true label for training.
+  function showFeedback(card, body) {
+    const box = card.querySelector(".feedback");
+    const other = CLASS_ORDER.find((name) => name !== body.label) ?? "";
+    const yes = document.createElement("button");
+    yes.type = "button";
+    yes.className = "button-secondary feedback-yes";
+    yes.textContent = "Yes";
+    const no = document.createElement("button");
+    no.type = "button";
+    no.className = "button-secondary feedback-no";
+    no.textContent = `No, it is ${other}`;
+    yes.addEventListener("click", () => sendFeedback(box, body.id, body.label));
+    no.addEventListener("click", () => sendFeedback(box, body.id, other));
+    box.replaceChildren("Right? ", yes, " ", no);
+    box.hidden = false;
+  }
+
+  async function sendFeedback(box, id, label) {
+    box.querySelectorAll("button").forEach((button) => { button.disabled = true; });
+    let status = 0;
+    try {
+      const response = await fetch("/feedback", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        body: JSON.stringify({ prediction_id: id, label }),
+      });
+      status = response.status;
+    } catch {
+      status = 0;
+    }
+    if (status === 200 || status === 201) {
+      box.textContent = `Thanks: recorded as ${label}.`;
+    } else if (status === 409) {
+      box.textContent = "This photo already has an answer.";
+    } else if (status === 401) {
+      box.textContent = "This server only takes feedback from authorised clients.";
+    } else {
+      box.textContent = "Feedback could not be recorded right now.";
+    }
+    box.dataset.status = String(status);
   }
 
   function barRow(name, p) {
