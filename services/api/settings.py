@@ -76,8 +76,8 @@ class ApiSettings(BaseSettings):
 
     drift_window: int = 500
     """Recent inputs over which input drift and the low-confidence share are computed."""
-    drift_min_samples: int = 100
-    """Inputs needed in the window before drift is exported."""
+    drift_min_samples: int = 300
+    """Inputs needed in the window before drift is exported (fewer are too noisy: see TRAINER_DRIFT_MIN_SAMPLES)."""
     low_confidence_threshold: float = 0.7
     """A prediction below this confidence counts as low-confidence."""
     feedback_token: SecretStr | None = None

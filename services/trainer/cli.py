@@ -1,4 +1,4 @@
-"""``python -m services.trainer ingest|features|train|run``: the training worker's command line."""
+"""``python -m services.trainer ingest|features|train|run|drift``: the training worker's command line."""
 
 from __future__ import annotations
 
@@ -8,14 +8,16 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from services.trainer.drift import DriftError
 from services.trainer.features import FeatureSetError, build_features
-from services.trainer.ingest import SourceError, ingest
+from services.trainer.ingest import SourceError, ingest, ingest_feedback
 from services.trainer.settings import TrainerSettings
 from shared.db import DatabaseError
 from shared.storage import ObjectStoreError
 
-EXPECTED_ERRORS = (SourceError, FeatureSetError, ObjectStoreError, DatabaseError)
+EXPECTED_ERRORS = (SourceError, FeatureSetError, ObjectStoreError, DatabaseError, DriftError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,30 +26,53 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def add_source(p: argparse.ArgumentParser) -> None:
+    def add_source(p: argparse.ArgumentParser, feedback_help: str) -> None:
         p.add_argument("--source", help="HTTP(S) base URL or local folder (default: DATA_SOURCE)")
         p.add_argument("--per-class", type=int, help="indices (HTTP) or files (folder) per label")
+        p.add_argument("--from-feedback", action="store_true", help=feedback_help)
 
     add_source(
-        commands.add_parser("ingest", parents=[common], help="download/copy labelled images into the object store")
+        commands.add_parser("ingest", parents=[common], help="download/copy labelled images into the object store"),
+        "ingest the uploads users labelled through POST /feedback instead (and --source too, if given)",
     )
     features = commands.add_parser("features", parents=[common], help="build the next feature-set version")
     features.add_argument("--force", action="store_true", help="build a new version even if nothing changed")
     for name, help_text in (("train", "train, register and gate a model"), ("run", "ingest + features + train")):
         p = commands.add_parser(name, parents=[common], help=help_text)
         if name == "run":
-            add_source(p)
+            add_source(p, "also ingest the uploads users labelled through POST /feedback")
+            p.add_argument(
+                "--if-needed",
+                action="store_true",
+                help="after ingest, train only if there is no champion, the images changed or the inputs drifted",
+            )
         else:
             p.add_argument("--feature-set", type=int, help="feature-set version (default: latest)")
         p.add_argument("--epochs", type=int, help="override TRAINER_EPOCHS")
         p.add_argument("--seed", type=int, help="override TRAINER_SEED")
         p.add_argument("--force", action="store_true", help="promote even if the quality gate says no")
+    drift = commands.add_parser(
+        "drift", parents=[common], help="compare the champion's training data with recent predictions"
+    )
+    drift.add_argument(
+        "--window", type=_positive, help="how many of the latest predictions (default: TRAINER_DRIFT_WINDOW)"
+    )
+    drift.add_argument("--out", type=Path, default=Path("drift.png"), help="histogram grid PNG (default: drift.png)")
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    if args.quiet:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("botocore", "aiobotocore", "httpx", "urllib3", "alembic", "mlflow", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -59,9 +84,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = settings.model_copy(update=overrides)
     progress = not args.quiet
     try:
+        if args.command == "drift":
+            return _drift(settings, args.window, args.out)
         if args.command in ("ingest", "run"):
-            report = asyncio.run(ingest(settings, args.source, args.per_class, progress=progress))
-            print(report.summary())
+            if args.command == "run" or args.source or not args.from_feedback:
+                report = asyncio.run(ingest(settings, args.source, args.per_class, progress=progress))
+                print(report.summary())
+            if args.from_feedback:
+                print(asyncio.run(ingest_feedback(settings, progress=progress)).summary())
+        if args.command == "run" and args.if_needed:
+            from services.trainer.schedule import check
+
+            decision = check(settings)
+            print(decision.summary(), flush=True)
+            if not decision.train:
+                return 0
         if args.command in ("features", "run"):
             feature_set = asyncio.run(
                 build_features(
@@ -81,4 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    return 0
+
+
+def _drift(settings: TrainerSettings, window: int | None, out: Path) -> int:
+    from services.trainer.drift import drift_report
+
+    report = drift_report(settings, window)
+    print(report.table())
+    print(f"drift: histograms written to {report.plot(out)}")
     return 0

@@ -1,4 +1,5 @@
-"""Ingest labelled photos from an HTTP base URL or a local folder into the object store + ``images`` table.
+"""Ingest labelled photos into the object store + ``images`` table: from an HTTP base URL, a local folder, or
+production uploads that users labelled through ``POST /feedback``.
 
 Every file is validated by the shared preprocessing, content-hashed, stored as ``raw/{label}/{sha256}.{ext}``
 and only then recorded as a row. Known hashes are skipped, so a second run writes nothing. Download
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from tqdm import tqdm
 
@@ -25,8 +26,8 @@ from services.trainer.settings import TrainerSettings
 from shared import images
 from shared.db import open_database
 from shared.labels import LABELS
-from shared.storage import ObjectStore, open_store
-from shared.tables import ImageRow
+from shared.storage import ObjectStore, ObjectStoreError, open_store
+from shared.tables import FeedbackRow, ImageRow, PredictionRow
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
@@ -42,6 +43,9 @@ class SourceError(RuntimeError):
 class Candidate:
     label: str
     location: str
+    """Where the reader fetches the file from."""
+    origin: str | None = None
+    """What the ``images`` row records as its source, when not ``location`` (``feedback:{prediction_id}``)."""
 
 
 @dataclass
@@ -65,6 +69,31 @@ class IngestReport:
             f"ingest: {self.new} new, {self.duplicate} duplicate, rejected {rejected}, "
             f"{self.missing} missing, {self.failed} failed in {self.seconds:.1f} s"
         )
+
+
+@dataclass
+class FeedbackReport(IngestReport):
+    """An ingest of labelled production uploads, with what the counts alone would not explain."""
+
+    feedback: int = 0
+    """Feedback rows in the database."""
+    not_stored: int = 0
+    """Feedback rows whose prediction has no kept upload (``API_STORE_UPLOADS`` off, an ``/invocations`` array,
+    or a failed upload): nothing to train on."""
+    conflicts: int = 0
+    """Duplicates whose feedback label differs from the label already recorded for the image (kept)."""
+
+    def summary(self) -> str:
+        line = super().summary().replace("ingest:", "ingest (feedback):", 1)
+        notes = [f"{self.feedback} feedback row{'' if self.feedback == 1 else 's'}"]
+        if self.not_stored:
+            notes.append(
+                f"{self.not_stored} without a stored image (API_STORE_UPLOADS off, an /invocations input, "
+                "or the upload failed to store)"
+            )
+        if self.conflicts:
+            notes.append(f"{self.conflicts} disagree with the label already recorded for the same image (kept)")
+        return f"{line}; {', '.join(notes)}"
 
 
 class _Missing(Exception):
@@ -142,6 +171,32 @@ class HttpSource:
         await self.client.aclose()
 
 
+class FeedbackSource:
+    """Uploads the API kept in the object store (``uploads/...``) whose prediction got a feedback label."""
+
+    def __init__(self, store: ObjectStore, candidates: list[Candidate]) -> None:
+        self.store = store
+        self._candidates = candidates
+
+    def candidates(self) -> list[Candidate]:
+        return self._candidates
+
+    async def fetch(self, candidate: Candidate) -> bytes:
+        try:
+            return await self.store.get(candidate.location)
+        except ObjectStoreError:
+            # Gone (an expiry rule on uploads/, a manual clean-up) is counted; an unreachable store is fatal.
+            if not await self.store.exists(candidate.location):
+                raise _Missing(candidate.location) from None
+            raise
+
+    async def close(self) -> None:
+        pass
+
+
+Reader = FolderSource | HttpSource | FeedbackSource
+
+
 def open_source(source: str, per_class: int, settings: TrainerSettings) -> FolderSource | HttpSource:
     if source.startswith(("http://", "https://")):
         return HttpSource(source, per_class, settings)
@@ -168,23 +223,7 @@ async def ingest(
         async with open_store(settings.store) as store, open_database(settings.database) as sessions:
             async with sessions() as session:
                 known = set((await session.scalars(select(ImageRow.sha256))).all())
-            bar = tqdm(total=len(candidates), desc="ingest", unit="img", disable=not progress, file=sys.stderr)
-            limit = asyncio.Semaphore(settings.download_concurrency)
-
-            async def one(candidate: Candidate) -> None:
-                async with limit:
-                    await _ingest_one(candidate, reader, store, sessions, known, report, on_stored)
-                bar.update()
-
-            try:
-                async with asyncio.TaskGroup() as group:
-                    for candidate in candidates:
-                        group.create_task(one(candidate))
-            except* Exception as errors:
-                # The first store/database failure is the one to report; the rest are its echoes.
-                raise errors.exceptions[0] from None
-            finally:
-                bar.close()
+            await _ingest_all(candidates, reader, store, sessions, known, report, settings, progress, on_stored)
     finally:
         await reader.close()
         report.seconds = time.perf_counter() - started
@@ -197,6 +236,94 @@ async def ingest(
     return report
 
 
+async def ingest_feedback(
+    settings: TrainerSettings,
+    *,
+    progress: bool = True,
+    on_stored: Callable[[ImageRow], None] | None = None,
+) -> FeedbackReport:
+    """Ingest every kept upload that has feedback, under the feedback's label; ``source`` is ``feedback:{id}``.
+
+    No feedback at all is not an error (a scheduled run must not fail because nobody answered). An upload
+    whose recorded hash is already known is counted as a duplicate without being downloaded again, so
+    reruns stay cheap however much feedback accumulates. When one image got several feedback rows, the
+    latest one wins.
+    """
+    report = FeedbackReport()
+    started = time.perf_counter()
+    try:
+        async with open_store(settings.store) as store, open_database(settings.database) as sessions:
+            async with sessions() as session:
+                labels_by_hash = dict((await session.execute(select(ImageRow.sha256, ImageRow.label))).all())
+                report.feedback = await session.scalar(select(func.count()).select_from(FeedbackRow)) or 0
+                stored = (
+                    await session.execute(
+                        select(
+                            FeedbackRow.prediction_id,
+                            FeedbackRow.label,
+                            PredictionRow.image_key,
+                            PredictionRow.image_sha256,
+                        )
+                        .join(PredictionRow, PredictionRow.id == FeedbackRow.prediction_id)
+                        .where(PredictionRow.image_key.is_not(None))
+                        .order_by(FeedbackRow.created_at, FeedbackRow.prediction_id)
+                    )
+                ).all()
+            report.not_stored = report.feedback - len(stored)
+            latest: dict[str, Candidate] = {}  # by image hash (or key when the hash is unknown); later wins
+            for prediction_id, label, key, recorded_sha256 in stored:
+                if label not in LABELS:
+                    report.rejected["unknown_label"] += 1
+                    continue
+                identity = recorded_sha256 or key
+                report.duplicate += identity in latest  # the same image labelled again: counted once
+                latest[identity] = Candidate(label, key, f"feedback:{prediction_id}")
+            candidates: list[Candidate] = []
+            for sha256, candidate in latest.items():
+                if sha256 in labels_by_hash:
+                    report.duplicate += 1
+                    report.conflicts += labels_by_hash[sha256] != candidate.label
+                else:
+                    candidates.append(candidate)
+            reader = FeedbackSource(store, candidates)
+            await _ingest_all(
+                candidates, reader, store, sessions, set(labels_by_hash), report, settings, progress, on_stored
+            )
+    finally:
+        report.seconds = time.perf_counter() - started
+    return report
+
+
+async def _ingest_all(
+    candidates: list[Candidate],
+    reader: Reader,
+    store: ObjectStore,
+    sessions,
+    known: set[str],
+    report: IngestReport,
+    settings: TrainerSettings,
+    progress: bool,
+    on_stored: Callable[[ImageRow], None] | None,
+) -> None:
+    bar = tqdm(total=len(candidates), desc="ingest", unit="img", disable=not progress, file=sys.stderr)
+    limit = asyncio.Semaphore(settings.download_concurrency)
+
+    async def one(candidate: Candidate) -> None:
+        async with limit:
+            await _ingest_one(candidate, reader, store, sessions, known, report, on_stored)
+        bar.update()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for candidate in candidates:
+                group.create_task(one(candidate))
+    except* Exception as errors:
+        # The first store/database failure is the one to report; the rest are its echoes.
+        raise errors.exceptions[0] from None
+    finally:
+        bar.close()
+
+
 async def _probe(reader: HttpSource, first: Candidate) -> None:
     """Fail fast, with one clear line, when the base URL cannot be reached at all."""
     try:
@@ -207,7 +334,7 @@ async def _probe(reader: HttpSource, first: Candidate) -> None:
 
 async def _ingest_one(
     candidate: Candidate,
-    reader: FolderSource | HttpSource,
+    reader: Reader,
     store: ObjectStore,
     sessions,
     known: set[str],
@@ -238,7 +365,7 @@ async def _ingest_one(
     row = ImageRow(
         sha256=sha256,
         label=candidate.label,
-        source=candidate.location,
+        source=candidate.origin or candidate.location,
         object_key=key,
         width=decoded.width,
         height=decoded.height,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.drift import PSI_THRESHOLD
 from shared.settings import (
     DEFAULT_DATA_SOURCE,
     DatabaseSettings,
@@ -47,3 +48,12 @@ class TrainerSettings(BaseSettings):
     """A new version must reach at least this test accuracy to become the champion."""
     promotion_min_gain: float = 0.0
     """How much better than the champion (test accuracy, same split) a new version must be."""
+
+    drift_window: int = Field(500, gt=0)
+    """How many of the latest predictions ``run --if-needed`` and ``drift`` compare with the training data."""
+    drift_min_samples: int = Field(300, gt=0)
+    """Fewer predictions than this in the window: too noisy to call drift. PSI's chance level is ~9/n: with
+    in-distribution inputs the worst colour feature passed 0.25 in about half of 100-prediction windows, 2 % of
+    200-prediction ones and none at 300 (simulated against a 224-image training split)."""
+    drift_threshold: float = Field(PSI_THRESHOLD, gt=0)
+    """Worst PSI over the colour features above which ``run --if-needed`` retrains and ``drift`` flags."""

@@ -40,6 +40,7 @@ def test_manifests_exist() -> None:
         "api-pdb.yaml",
         "api-hpa.yaml",
         "trainer-cronjob.yaml",
+        "trainer-cronjob-if-needed.yaml",
         "trainer-job.yaml",
     }
     assert (K8S_DIR / "README.md").is_file()
@@ -77,6 +78,7 @@ def test_rendered_resources_are_namespaced_and_labelled(rendered: list[dict[str,
             "Service",
             "PodDisruptionBudget",
             "HorizontalPodAutoscaler",
+            "CronJob",
             "CronJob",
         ]
     )
@@ -197,8 +199,13 @@ def _is_weekly(schedule: str) -> bool:
     )
 
 
+def _cronjob(rendered: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    (cron,) = [c for c in _by_kind(rendered, "CronJob") if c["metadata"]["name"] == name]
+    return cron
+
+
 def test_trainer_cronjob_is_weekly(rendered: list[dict[str, Any]]) -> None:
-    (cron,) = _by_kind(rendered, "CronJob")
+    cron = _cronjob(rendered, "dandelion-grass-trainer")
     assert _is_weekly(cron["spec"]["schedule"]), cron["spec"]["schedule"]
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
@@ -209,6 +216,31 @@ def test_trainer_cronjob_is_weekly(rendered: list[dict[str, Any]]) -> None:
     _assert_restricted(pod)
 
 
+def test_continuous_training_cronjob(rendered: list[dict[str, Any]]) -> None:
+    """Every 6 hours: ingest the source and the feedback, train only if needed; otherwise the weekly job's pod."""
+    cron = _cronjob(rendered, "dandelion-grass-trainer-if-needed")
+    weekly = _cronjob(rendered, "dandelion-grass-trainer")
+    minute, hour, *rest = cron["spec"]["schedule"].split()
+    assert minute.isdigit() and hour == "*/6" and rest == ["*", "*", "*"], cron["spec"]["schedule"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    # A check that overran its slot is skipped rather than run late, and always ends before the next one.
+    assert cron["spec"]["startingDeadlineSeconds"] <= 6 * 3600
+    assert cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] < 6 * 3600
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    assert container["args"] == ["run", "--if-needed", "--from-feedback"]
+    assert container["image"].startswith("ghcr.io/")
+    _assert_restricted(pod)
+    # Same image, environment, resources and security context as the weekly run: only the arguments differ.
+    weekly_pod = weekly["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (weekly_container,) = weekly_pod["containers"]
+    assert {**container, "args": weekly_container["args"]} == weekly_container
+    assert {k: v for k, v in pod.items() if k != "containers"} == {
+        k: v for k, v in weekly_pod.items() if k != "containers"
+    }
+
+
 def test_one_shot_trainer_job() -> None:
     (job,) = load_yaml_documents(K8S_DIR / "trainer-job.yaml")
     assert job["kind"] == "Job"
@@ -217,7 +249,7 @@ def test_one_shot_trainer_job() -> None:
     pod = job["spec"]["template"]["spec"]
     assert pod["containers"][0]["args"] == ["run"]
     (cron,) = load_yaml_documents(K8S_DIR / "trainer-cronjob.yaml")
-    # Same pod as the CronJob's, so both runs behave alike.
+    # Same pod as the weekly CronJob's, so both runs behave alike.
     assert pod == cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     _assert_restricted(pod)
 
@@ -249,6 +281,11 @@ def test_secret_is_only_a_template() -> None:
     (secret,) = load_yaml_documents(K8S_DIR / "secret.template.yaml")
     assert secret["kind"] == "Secret"
     assert "data" not in secret
-    assert set(secret["stringData"]) == {"DATABASE_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert set(secret["stringData"]) == {
+        "DATABASE_URL",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "API_FEEDBACK_TOKEN",
+    }
     for key, value in secret["stringData"].items():
         assert "REPLACE_ME" in value, f"{key} looks like a real credential"
