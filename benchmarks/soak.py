@@ -121,6 +121,7 @@ class Results:
             "end": round(float(rss[-1]), 1) if len(rss) else None,
             "peak": round(float(rss.max()), 1) if len(rss) else None,
             "warmup_s": self.warmup_s,
+            "samples": [[round(float(t), 1), round(float(r), 1)] for t, r in zip(at, rss, strict=True)],
         }
         steady = at >= self.warmup_s
         if steady.sum() >= 4 and at[steady][-1] - at[steady][0] >= 2 * window_s:
