@@ -27,6 +27,9 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "
 os.environ.update(AWS_ENV)
 for leaked in ("DATABASE_URL", "OBJECT_STORE_URL", "S3_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
     os.environ.pop(leaked, None)
+# Nor may an API built by a test log predictions to the embedded default database under the repository: the
+# tests that exercise the prediction log turn it on with a database of their own.
+os.environ["API_PREDICTION_LOG"] = "false"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -239,6 +242,5 @@ def api_env(registry: RegistrySettings, **extra: str) -> dict[str, str]:
     if registry.s3_endpoint_url:
         env["MLFLOW_S3_ENDPOINT_URL"] = registry.s3_endpoint_url
     env.update(extra)
-    if "DATABASE_URL" not in env:
-        env["API_PREDICTION_LOG"] = "false"  # never the embedded default database under the repository
+    env["API_PREDICTION_LOG"] = "true" if "DATABASE_URL" in env else "false"  # never the embedded default
     return env

@@ -22,6 +22,7 @@ def source() -> FakeSource:
 @pytest.fixture
 def api_settings(tmp_path) -> ApiSettings:
     return ApiSettings(
+        prediction_log=True,
         database=DatabaseSettings(url=f"sqlite+aiosqlite:///{tmp_path}/api.db"),
         poll_interval_s=0.05,
         retry_initial_s=0.05,

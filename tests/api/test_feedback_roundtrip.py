@@ -36,7 +36,9 @@ def cli(*args: str) -> tuple[int, list[str]]:
 
 async def classify_and_correct(photos: list[tuple[bytes, str]]) -> list[str]:
     """Each photo through POST /predict, then its true label through POST /feedback; the prediction ids."""
-    settings = ApiSettings(store_uploads=True, prediction_log_flush_interval_s=0.05, poll_interval_s=3600)
+    settings = ApiSettings(
+        prediction_log=True, store_uploads=True, prediction_log_flush_interval_s=0.05, poll_interval_s=3600
+    )
     app = create_app(settings)  # the real registry source: the champion the trainer just promoted
     ids = []
     async with (

@@ -15,6 +15,7 @@ import numpy as np
 import orjson
 import pytest
 from asgi_lifespan import LifespanManager
+from pydantic import SecretStr
 from sqlalchemy import func, select
 
 from services.api.app import create_app
@@ -170,13 +171,15 @@ async def test_live_accuracy_gauge_comes_from_the_database(api_settings: ApiSett
         assert metric(text, "model_live_accuracy") == pytest.approx(2 / 3)
 
 
-@pytest.mark.parametrize("api_settings", [ApiSettings(feedback_token="s3cret", prediction_log_flush_interval_s=0.05)])
-async def test_feedback_token_when_configured(client: httpx.AsyncClient, tmp_path) -> None:
-    pid = (await client.post("/predict", files={"file": ("g.jpg", GRASS, "image/jpeg")})).json()["id"]
-    body = {"prediction_id": pid, "label": "grass"}
-    assert (await client.post("/feedback", json=body)).status_code == 401
-    assert (await client.post("/feedback", json=body, headers={"authorization": "Bearer wrong"})).status_code == 401
-    assert (await client.post("/feedback", json=body, headers={"authorization": "Bearer s3cret"})).status_code == 201
+async def test_feedback_token_when_configured(api_settings: ApiSettings) -> None:
+    async with serving(api_settings.model_copy(update={"feedback_token": SecretStr("s3cret")})) as (_, client):
+        pid = (await client.post("/predict", files={"file": ("g.jpg", GRASS, "image/jpeg")})).json()["id"]
+        body = {"prediction_id": pid, "label": "grass"}
+        assert (await client.post("/feedback", json=body)).status_code == 401
+        wrong = await client.post("/feedback", json=body, headers={"authorization": "Bearer wrong"})
+        assert wrong.status_code == 401
+        right = await client.post("/feedback", json=body, headers={"authorization": "Bearer s3cret"})
+        assert right.status_code == 201
 
 
 @pytest.mark.parametrize("api_settings", [ApiSettings(prediction_log=False)])
@@ -191,6 +194,7 @@ async def test_uploads_are_stored_only_when_enabled(tmp_path) -> None:
     settings = ApiSettings(
         database=DatabaseSettings(url=f"sqlite+aiosqlite:///{tmp_path}/api.db"),
         store=ObjectStoreSettings(url=str(tmp_path / "objects")),
+        prediction_log=True,
         store_uploads=True,
         prediction_log_flush_interval_s=0.05,
     )
