@@ -5,9 +5,9 @@ Starts ``python -m services.api`` on 127.0.0.1 (model from the usual environment
 ``/predict`` (real photos), ``/invocations`` (seed-style JSON), ``/model``, ``/health/ready`` and one
 deliberate bad request (must answer 400); samples the API's RSS every second from ``/proc``; prints errors
 (5xx, transport errors, any unexpected status), p50/p95/p99 per endpoint, and RSS: start, peak, and growth
-after a warm-up (``--warmup``, 20 s) measured robustly — the median RSS of the first and of the last 30 s of
-the steady part, and a least-squares trend in MiB per minute — because a single sample swings by +-15 % with
-the number of request bodies in flight.
+after a warm-up (``--warmup``, 30 s; RSS levels off within it at concurrency 32) measured robustly: the
+median RSS of the first and of the last 30 s of the steady part, and a least-squares trend in MiB per minute,
+because a single sample swings by +-15 % with the number of request bodies in flight.
 Exits 1 on any error.
 
     python -m benchmarks.soak --seconds 120 --concurrency 32
@@ -111,7 +111,7 @@ class Results:
     rss_at: list[float] = field(default_factory=list)
     """Seconds since the load started, one per ``rss_kib`` sample."""
     seconds: float = 0.0
-    warmup_s: float = 20.0
+    warmup_s: float = 30.0
 
     def rss_report(self, window_s: float = 30.0) -> dict:
         rss = np.array(self.rss_kib, dtype=np.float64) / 1024
@@ -173,7 +173,7 @@ def seed_bodies() -> list[bytes]:
 
 
 async def soak(
-    url: str, pid: int | None, seconds: float, concurrency: int, data: Path, warmup_s: float = 20.0
+    url: str, pid: int | None, seconds: float, concurrency: int, data: Path, warmup_s: float = 30.0
 ) -> Results:
     if urlsplit(url).hostname not in ("127.0.0.1", "localhost"):
         raise SystemExit("the soak test only talks to 127.0.0.1")
@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pid", type=int, help="with --url: the API's process id, to sample its RSS")
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--warmup", type=float, default=20, help="seconds of load before RSS growth is measured")
+    parser.add_argument("--warmup", type=float, default=30, help="seconds of load before RSS growth is measured")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="photos in dandelion/ and grass/")
     parser.add_argument("--log", type=Path, default=REPO / "var" / "soak-api.log", help="the started API's log")
     parser.add_argument("--ready-timeout", type=float, default=180)
