@@ -35,7 +35,7 @@ HTTP_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 4
 def create_app(settings: ApiSettings | None = None, source: ModelSource | None = None) -> FastAPI:
     """The app; ``source`` replaces the MLflow registry (tests pass a fake)."""
     settings = settings or ApiSettings()
-    metrics = ApiMetrics()
+    metrics = ApiMetrics(prediction_log=settings.prediction_log)
     drift = DriftMonitor(settings.drift_window, settings.drift_min_samples, settings.low_confidence_threshold)
     metrics.registry.register(drift)
 
@@ -67,6 +67,7 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
         tasks = [asyncio.create_task(runtime.run(), name="model-runtime")]
         if predlog is not None:
             tasks.append(asyncio.create_task(predlog.run(), name="prediction-log"))
+            tasks[-1].add_done_callback(_report_stopped)
         try:
             yield
         finally:
@@ -75,7 +76,7 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
             await batcher.stop()
             for task in tasks:  # the prediction log writes what it holds before it stops
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                with contextlib.suppress(Exception, asyncio.CancelledError):  # a crash was reported when it happened
                     await task
 
     app = FastAPI(
@@ -107,9 +108,20 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
     return app
 
 
+def _report_stopped(task: asyncio.Task) -> None:
+    """A background task that ends by itself (not cancelled) is a bug: say so loudly, once."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped: %r; predictions are no longer logged", task.get_name(), task.exception())
+
+
 def _prediction_log(settings: ApiSettings, metrics: ApiMetrics) -> PredictionLog | None:
     if not settings.prediction_log:
         return None
+    if settings.store_uploads and settings.feedback_token is None:
+        log.warning(
+            "uploads are kept and POST /feedback takes labels from anyone: whatever they label goes into the "
+            "training split of the next run; set API_FEEDBACK_TOKEN unless only trusted clients reach the API"
+        )
     return PredictionLog(
         settings.database,
         metrics,

@@ -18,7 +18,9 @@ HTTP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0
 
 
 class ApiMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, prediction_log: bool = True) -> None:
+        """``prediction_log=False``: the log's and feedback's series are not exported (no alert on a log that is
+        off by choice)."""
         self.registry = registry or CollectorRegistry()
         process_collector.ProcessCollector(registry=self.registry)
         platform_collector.PlatformCollector(registry=self.registry)
@@ -55,13 +57,15 @@ class ApiMetrics:
         )
         self.queue_depth = Gauge("model_batch_queue_depth", "Images waiting for a forward pass.", registry=r)
 
-        # The prediction log (services/api/predlog.py) and feedback.
+        # The prediction log (services/api/predlog.py) and feedback: created either way, exported only when on.
+        r = self.registry if prediction_log else None
         self.log_written = Counter(
             "prediction_log_written", "Predictions written to the predictions table.", registry=r
         )
         self.log_dropped = Counter(
             "prediction_log_dropped",
-            "Predictions not logged: the queue was full (overload, or a database outage outlasting the queue).",
+            "Predictions not logged, by reason: queue_full (overload, or a database outage outlasting the queue), "
+            "rejected (rows the database refused), shutdown (not written before the process stopped).",
             ["reason"],
             registry=r,
         )
@@ -89,8 +93,9 @@ class ApiMetrics:
         self.live_accuracy_samples = Gauge(
             "model_live_accuracy_samples", "Predictions of the served version that have feedback.", registry=r
         )
+        self.live_accuracy.set(float("nan"))  # unknown until computed, not 0
 
-        for reason in ("queue_full",):
+        for reason in ("queue_full", "rejected", "shutdown"):
             self.log_dropped.labels(reason=reason)  # exported as 0 from the start, not only after a first drop
         for reason in ("queue_full", "store_error"):
             self.uploads_dropped.labels(reason=reason)

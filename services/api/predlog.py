@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Integer, func, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from services.api.metrics import ApiMetrics
@@ -35,6 +35,9 @@ from shared.storage import ObjectStore, open_store
 from shared.tables import FeedbackRow, PredictionRow
 
 log = logging.getLogger(__name__)
+
+TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, OSError, TimeoutError)
+"""Failures that retrying can fix: the database is down, restarting, unreachable or hung."""
 
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
 MIME_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif", "bmp": "image/bmp"}
@@ -91,6 +94,8 @@ class PredictionLog:
         max_upload_bytes_queued: int = 64 * 1024 * 1024,
         retry_max_s: float = 30.0,
         accuracy_refresh_s: float = 30.0,
+        db_timeout_s: float = 10.0,
+        upload_timeout_s: float = 10.0,
     ) -> None:
         self.database = database
         self.metrics = metrics
@@ -107,8 +112,12 @@ class PredictionLog:
         self._written = asyncio.Condition()
         self._pending: set[str] = set()
         """Ids recorded here and not yet written (or dropped): feedback on them waits for the write."""
-        self.engine: AsyncEngine | None = None
-        self.sessions: async_sessionmaker | None = None
+        self.db_timeout_s = db_timeout_s
+        """Longest a database operation may take before it counts as an outage (a hung server, not a refusal)."""
+        self.upload_timeout_s = upload_timeout_s
+        # Created here, not in run(): a malformed DATABASE_URL or a missing driver stops the start, loudly.
+        self.engine: AsyncEngine = create_engine(database)
+        self.sessions: async_sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         self.healthy = False
         self.serving: tuple[str, str] | None = None
         """``(model name, version)`` whose live accuracy the gauge shows; set by the app on each swap."""
@@ -149,18 +158,20 @@ class PredictionLog:
     # -- background side ---------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Forever: connect (with backoff), then write batches as they come. Cancel to stop (flushes first)."""
-        self.engine = create_engine(self.database)
-        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                store = None
-                if self.store_settings is not None:
-                    # The bucket is the trainer's; no call is made here, so a store that is down fails uploads only.
-                    store = await stack.enter_async_context(open_store(self.store_settings, create_bucket=False))
+        """Forever: connect (with backoff), then write batches as they come. Cancel to stop (flushes first).
+
+        Nothing but cancellation ends it: an unexpected error is logged, counted and retried after a pause, so a
+        bug or a row the database refuses can cost some entries but never the log itself.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            store = None
+            if self.store_settings is not None:
+                # The bucket is the trainer's; no call is made here, so a store that is down fails uploads only.
+                store = await stack.enter_async_context(open_store(self.store_settings, create_bucket=False))
+            try:
                 await self._loop(store)
-        finally:
-            await self.engine.dispose()
+            finally:
+                await self.engine.dispose()
 
     async def _loop(self, store: ObjectStore | None) -> None:
         delay = 0.5
@@ -180,38 +191,58 @@ class PredictionLog:
                     batch = await self._rows(taken, store) if taken else []
                 try:
                     if not created:
-                        await create_tables(self.engine)
+                        await asyncio.wait_for(create_tables(self.engine), self.db_timeout_s)
                         created = True
-                    if batch:
-                        await self._write(batch)
-                        self.metrics.log_written.inc(len(batch))
-                    if self.serving and loop.time() >= next_accuracy:
-                        await self._refresh_accuracy()
-                        next_accuracy = loop.time() + self.accuracy_refresh_s
+                    written, rejected = await self._write(batch) if batch else (0, 0)
                 except (asyncio.CancelledError, KeyboardInterrupt):
                     raise
-                except Exception as exc:  # any database failure: keep the batch, back off, retry
+                except TRANSIENT as exc:  # the database is down, unreachable or too slow: keep the batch, retry
                     if not failing:
-                        log.warning("prediction log: the database refused a write (%s); retrying", _short(exc))
+                        log.warning("prediction log: the database is unavailable (%s); retrying", _short(exc))
                     failing = True
                     self._set_healthy(False)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.retry_max_s)
                     continue
+                except Exception:  # not the database's state but this code or these rows: never retry forever
+                    log.exception("prediction log: %d predictions could not be written; dropping them", len(batch))
+                    written, rejected = 0, len(batch)
                 if failing:
                     log.info("prediction log: writing again")
                     failing = False
                 self._set_healthy(True)
                 delay = 0.5
+                self.metrics.log_written.inc(written)
+                if rejected:
+                    self.metrics.log_dropped.labels(reason="rejected").inc(rejected)
                 await self._done(taken)
                 batch, taken = [], []
+                if self.serving and loop.time() >= next_accuracy:
+                    next_accuracy = loop.time() + self.accuracy_refresh_s
+                    try:
+                        await asyncio.wait_for(self._refresh_accuracy(), self.db_timeout_s)
+                    except (asyncio.CancelledError, KeyboardInterrupt):
+                        raise
+                    except Exception as exc:  # a gauge left stale, nothing more
+                        log.warning("prediction log: live accuracy not refreshed (%s)", _short(exc))
         except asyncio.CancelledError:
-            # Shutdown: one last attempt at what is in hand and in the queue, bounded in time.
-            with contextlib.suppress(Exception):
-                rows = batch + (await self._rows(self._take(self.max_queue), None))
-                if rows and created:
-                    await asyncio.wait_for(self._write(rows), 5.0)
+            await self._flush_on_shutdown(batch, taken, created)
             raise
+
+    async def _flush_on_shutdown(self, batch: list[dict[str, Any]], taken: list[Record], created: bool) -> None:
+        """One last attempt at what is in hand and in the queue, bounded in time; whatever is lost is counted."""
+        if not batch and taken:  # cancelled while storing the uploads: the rows, without their photos
+            batch = [record.row(None, None) for record in taken]
+        rest = self._take(len(self._queue))
+        rows = batch + [record.row(None, None) for record in rest]  # no uploads now: that could take minutes
+        written = 0
+        if rows and created:
+            with contextlib.suppress(Exception):
+                written, _ = await asyncio.wait_for(self._write(rows), 5.0)
+        self.metrics.log_written.inc(written)
+        if len(rows) - written:
+            self.metrics.log_dropped.labels(reason="shutdown").inc(len(rows) - written)
+            log.warning("prediction log: %d predictions not written at shutdown", len(rows) - written)
 
     def _take(self, limit: int | None = None) -> list[Record]:
         taken = []
@@ -230,30 +261,50 @@ class PredictionLog:
             if record.image is None or store is None:
                 return record.row(None, None)
             data, record.image = record.image, None
-            key = upload_key(record)
+            key, sha256 = upload_key(record), hashlib.sha256(data).hexdigest()
             try:
-                await store.put(key, data, MIME_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream"))
+                content_type = MIME_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream")
+                await asyncio.wait_for(store.put(key, data, content_type), self.upload_timeout_s)
             except Exception as exc:
                 self.metrics.uploads_dropped.labels(reason="store_error").inc()
                 log.warning("prediction log: upload %s not stored (%s)", record.id, _short(exc))
-                return record.row(None, hashlib.sha256(data).hexdigest())
-            return record.row(key, hashlib.sha256(data).hexdigest())
+                return record.row(None, sha256)
+            return record.row(key, sha256)
 
         return list(await asyncio.gather(*(one(r) for r in records)))
 
-    async def _write(self, rows: list[dict[str, Any]]) -> None:
+    async def _write(self, rows: list[dict[str, Any]]) -> tuple[int, int]:
+        """Insert ``rows``: ``(written, rejected)``. Connection trouble raises (the caller retries the batch); a
+        batch the database refuses is written row by row, so one bad row costs only itself."""
         try:
-            async with self.engine.begin() as conn:
-                await conn.execute(insert(PredictionRow), rows)
-        except IntegrityError:
-            # A retried batch whose first attempt did commit: write row by row, skipping those already there.
-            async with self.sessions() as session:
-                ids = [r["id"] for r in rows]
-                present = set((await session.scalars(select(PredictionRow.id).where(PredictionRow.id.in_(ids)))).all())
-            missing = [r for r in rows if r["id"] not in present]
-            if missing:
-                async with self.engine.begin() as conn:
-                    await conn.execute(insert(PredictionRow), missing)
+            await asyncio.wait_for(self._insert(rows), self.db_timeout_s)
+            return len(rows), 0
+        except TRANSIENT:
+            raise
+        except DBAPIError as exc:
+            log.warning("prediction log: a batch was refused (%s); writing its rows one by one", _short(exc))
+        written = rejected = 0
+        async with self.sessions() as session:
+            ids = [r["id"] for r in rows]
+            query = select(PredictionRow.id).where(PredictionRow.id.in_(ids))
+            present = set((await asyncio.wait_for(session.scalars(query), self.db_timeout_s)).all())
+        for row in rows:
+            if row["id"] in present:  # a retried batch whose first attempt did commit
+                written += 1
+                continue
+            try:
+                await asyncio.wait_for(self._insert([row]), self.db_timeout_s)
+                written += 1
+            except TRANSIENT:
+                raise
+            except DBAPIError as exc:
+                rejected += 1
+                log.warning("prediction log: prediction %s refused (%s)", row["id"], _short(exc))
+        return written, rejected
+
+    async def _insert(self, rows: list[dict[str, Any]]) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(PredictionRow), rows)
 
     async def _done(self, records: list[Record]) -> None:
         if not records:

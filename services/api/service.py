@@ -12,7 +12,7 @@ import numpy as np
 
 from services.api.batching import Batcher
 from services.api.drift import DriftMonitor
-from services.api.errors import InvalidImage, PayloadTooLarge, Timeout
+from services.api.errors import BadRequest, InvalidImage, PayloadTooLarge, Timeout
 from services.api.metrics import ApiMetrics
 from services.api.predlog import PredictionLog, Record
 from services.api.protocol import parse_body, predictions_body
@@ -49,9 +49,14 @@ class Classifier:
 
     async def _predict(self, x: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
         try:
-            return await asyncio.wait_for(self.batcher.predict(x), self.timeout_s)
+            probs, model = await asyncio.wait_for(self.batcher.predict(x), self.timeout_s)
         except TimeoutError:
             raise Timeout(f"the model did not answer within {self.timeout_s:g} s") from None
+        if not np.isfinite(probs).all():
+            # Finite but absurd inputs (1e38) overflow inside the network: refuse them rather than answer NaN,
+            # which would also poison the confidence metrics and the prediction log.
+            raise BadRequest("the model's output is not a number for this input: send pixel values in [0, 1]")
+        return probs, model
 
     def _decode(self, upload: Upload, index: int) -> Prepared:
         try:

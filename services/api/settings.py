@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
@@ -81,4 +81,15 @@ class ApiSettings(BaseSettings):
     low_confidence_threshold: float = 0.7
     """A prediction below this confidence counts as low-confidence."""
     feedback_token: SecretStr | None = None
-    """When set, ``POST /feedback`` needs ``Authorization: Bearer <token>``: feedback becomes training data."""
+    """When set, ``POST /feedback`` needs ``Authorization: Bearer <token>``: feedback becomes training data.
+    At least 16 characters, and not a template's placeholder; empty means unset."""
+
+    @field_validator("feedback_token")
+    @classmethod
+    def _real_token(cls, token: SecretStr | None) -> SecretStr | None:
+        value = token.get_secret_value().strip() if token else ""
+        if not value:
+            return None
+        if len(value) < 16 or any(word in value.lower() for word in ("replace_me", "change-me", "changeme")):
+            raise ValueError("API_FEEDBACK_TOKEN must be a real secret of 16+ characters (openssl rand -hex 32)")
+        return SecretStr(value)

@@ -192,6 +192,12 @@ class DriftReport:
     reference_values: dict[str, np.ndarray]
     features: list[FeatureDrift]
     threshold: float
+    min_samples: int = 1
+    """Fewer recent predictions than this: the PSI is shown but not called drift (its chance level is ~9/n)."""
+
+    @property
+    def judged(self) -> bool:
+        return len(self.recent) >= self.min_samples
 
     @property
     def worst(self) -> tuple[str, float]:
@@ -203,7 +209,7 @@ class DriftReport:
 
     @property
     def drifted(self) -> list[str]:
-        return [f.name for f in self.features if f.drifted]
+        return [f.name for f in self.features if f.drifted] if self.judged else []
 
     def table(self) -> str:
         c = self.champion
@@ -216,9 +222,16 @@ class DriftReport:
         for f in self.features:
             lines.append(
                 f"{f.name:<12} {f.reference_mean:>10.4g} {f.reference_std:>10.4g} {f.recent_mean:>12.4g} "
-                f"{f.recent_std:>11.4g} {f.psi:>8.3f}  {f.flag()}".rstrip()
+                f"{f.recent_std:>11.4g} {f.psi:>8.3f}  {f.flag() if self.judged else ''}".rstrip()
             )
         name, psi = self.worst
+        if not self.judged:
+            lines.append(
+                f"worst colour feature: {name} PSI {psi:.3f}; not judged: {len(self.recent)} predictions, "
+                f"{self.min_samples} needed (TRAINER_DRIFT_MIN_SAMPLES; by chance alone PSI is about "
+                f"{9 / len(self.recent):.2g} at this size)"
+            )
+            return "\n".join(lines)
         verdict = (
             f"INPUT DRIFT on {', '.join(self.drifted)}" if self.drifted else "no input drift on the colour features"
         )
@@ -313,4 +326,4 @@ def drift_report(settings: TrainerSettings, window: int | None = None) -> DriftR
     champion = _champion_model(settings, client, version, run_id, table)
     values = training_values(table)
     features = compare(champion.reference, values, recent.rows, settings.drift_threshold)
-    return DriftReport(champion, recent, values, features, settings.drift_threshold)
+    return DriftReport(champion, recent, values, features, settings.drift_threshold, settings.drift_min_samples)

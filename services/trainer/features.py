@@ -29,18 +29,28 @@ from shared.tables import FeatureSetRow, ImageRow
 SPLITS = ("train", "val", "test")
 
 
+FEEDBACK_SOURCE_PREFIX = "feedback:"
+"""``images.source`` of production photos ingested from feedback (``ingest --from-feedback``)."""
+
+
 class FeatureSetError(RuntimeError):
     """No feature set can be built or found."""
 
 
-def assign_splits(hashes_by_label: dict[str, list[str]], val_percent: int, test_percent: int) -> dict[str, str]:
+def assign_splits(
+    hashes_by_label: dict[str, list[str]], val_percent: int, test_percent: int, train_only: set[str] | None = None
+) -> dict[str, str]:
     """Stratified, deterministic split: within each label, images in hash order, the first share to test.
 
     Exactly ``test_percent`` / ``val_percent`` of every label (rounded), independent of ingest order. Because
     the order is by content hash, adding images moves only a few images across the split boundaries.
+    ``train_only`` images (production photos labelled through feedback) are always trained on and never
+    evaluated on: the validation and test splits, which the quality gate judges models by, stay curated
+    data that users of the API cannot label.
     """
-    splits: dict[str, str] = {}
-    for hashes in hashes_by_label.values():
+    splits: dict[str, str] = dict.fromkeys(train_only or (), "train")
+    for label_hashes in hashes_by_label.values():
+        hashes = [h for h in label_hashes if h not in splits]
         ordered = sorted(hashes)
         n_test = round(len(ordered) * test_percent / 100)
         n_val = round(len(ordered) * val_percent / 100)
@@ -96,7 +106,8 @@ async def build_features(settings: TrainerSettings, *, force: bool = False, prog
         by_label: dict[str, list[str]] = {}
         for r in rows:
             by_label.setdefault(r.label, []).append(r.sha256)
-        splits = assign_splits(by_label, settings.split_val_percent, settings.split_test_percent)
+        feedback = {r.sha256 for r in rows if r.source.startswith(FEEDBACK_SOURCE_PREFIX)}
+        splits = assign_splits(by_label, settings.split_val_percent, settings.split_test_percent, feedback)
         limit = asyncio.Semaphore(16)
         bar = tqdm(total=len(rows), desc="features", unit="img", disable=not progress, file=sys.stderr)
 

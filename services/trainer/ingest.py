@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from tqdm import tqdm
 
+from services.trainer.features import FEEDBACK_SOURCE_PREFIX
 from services.trainer.settings import TrainerSettings
 from shared import images
 from shared.db import open_database
@@ -223,6 +224,12 @@ async def ingest(
         async with open_store(settings.store) as store, open_database(settings.database) as sessions:
             async with sessions() as session:
                 known = set((await session.scalars(select(ImageRow.sha256))).all())
+                if isinstance(reader, HttpSource):
+                    # Files at an index URL do not change: one already ingested is not downloaded again, so the
+                    # 6-hourly `run --if-needed` costs a few requests (the missing indices), not the data set.
+                    ingested = set((await session.scalars(select(ImageRow.source))).all())
+                    report.duplicate += sum(c.location in ingested for c in candidates)
+                    candidates = [c for c in candidates if c.location not in ingested]
             await _ingest_all(candidates, reader, store, sessions, known, report, settings, progress, on_stored)
     finally:
         await reader.close()
@@ -277,7 +284,7 @@ async def ingest_feedback(
                     continue
                 identity = recorded_sha256 or key
                 report.duplicate += identity in latest  # the same image labelled again: counted once
-                latest[identity] = Candidate(label, key, f"feedback:{prediction_id}")
+                latest[identity] = Candidate(label, key, f"{FEEDBACK_SOURCE_PREFIX}{prediction_id}")
             candidates: list[Candidate] = []
             for sha256, candidate in latest.items():
                 if sha256 in labels_by_hash:

@@ -110,8 +110,11 @@ def test_feedback_reaches_the_next_training_run(
     assert {i.source for i in images} == {f"feedback:{prediction_id}" for prediction_id in ids}
 
     feature_set, table = asyncio.run(load_feature_set(settings, 2))
-    in_v2 = dict(zip(table["sha256"].to_pylist(), table["label"].to_pylist(), strict=True))
-    assert all(in_v2.get(sha) == label for sha, label in by_hash.items())  # in the next run's feature set
+    columns = table.select(["sha256", "label", "split"]).to_pydict()
+    in_v2 = {sha: (label, split) for sha, label, split in zip(*columns.values(), strict=True)}
+    # In the next run's feature set, under the users' labels, and trained on only: the test split the gate
+    # judges by stays curated data.
+    assert {sha: in_v2.get(sha) for sha in by_hash} == {sha: (label, "train") for sha, label in by_hash.items()}
     assert feature_set.row_count == 60 + len(photos)
     client = MlflowClient(settings.registry.tracking_uri)
     run = client.get_run(client.get_model_version(settings.registry.model_name, "2").run_id)

@@ -172,14 +172,19 @@ async def test_live_accuracy_gauge_comes_from_the_database(api_settings: ApiSett
 
 
 async def test_feedback_token_when_configured(api_settings: ApiSettings) -> None:
-    async with serving(api_settings.model_copy(update={"feedback_token": SecretStr("s3cret")})) as (_, client):
+    token = "a-long-enough-test-token"
+    async with serving(api_settings.model_copy(update={"feedback_token": SecretStr(token)})) as (_, client):
         pid = (await client.post("/predict", files={"file": ("g.jpg", GRASS, "image/jpeg")})).json()["id"]
         body = {"prediction_id": pid, "label": "grass"}
         assert (await client.post("/feedback", json=body)).status_code == 401
         wrong = await client.post("/feedback", json=body, headers={"authorization": "Bearer wrong"})
         assert wrong.status_code == 401
-        right = await client.post("/feedback", json=body, headers={"authorization": "Bearer s3cret"})
-        assert right.status_code == 201
+        right = await client.post("/feedback", json=body, headers={"authorization": f"bearer {token}"})
+        assert right.status_code == 201  # the scheme is case-insensitive (RFC 7235)
+    for weak in ("s3cret", "REPLACE_ME", "REPLACE_ME-but-longer-than-16"):
+        with pytest.raises(ValueError, match="API_FEEDBACK_TOKEN"):
+            ApiSettings(feedback_token=weak)
+    assert ApiSettings(feedback_token="").feedback_token is None
 
 
 @pytest.mark.parametrize("api_settings", [ApiSettings(prediction_log=False)])
@@ -188,6 +193,52 @@ async def test_without_the_log_predictions_still_work_and_feedback_says_why(clie
     assert answer["label"] == "grass" and len(answer["id"]) == 32
     response = await client.post("/feedback", json={"prediction_id": answer["id"], "label": "grass"})
     assert response.status_code == 503 and "API_PREDICTION_LOG" in response.json()["message"]
+    metrics = (await client.get("/metrics")).text
+    assert "prediction_log_" not in metrics and "model_live_accuracy" not in metrics  # off by choice: no alert
+
+
+async def test_absurd_inputs_are_refused_instead_of_answered_nan(client: httpx.AsyncClient, api_settings) -> None:
+    body = orjson.dumps({"inputs": np.full((1, 224, 224, 3), 1e31).tolist()})
+    response = await client.post("/invocations", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "not a number" in response.json()["message"]
+    ok = await client.post("/predict", files={"file": ("g.jpg", GRASS, "image/jpeg")})
+    assert ok.status_code == 200
+
+    async def logged() -> bool:
+        return len(await rows(api_settings)) == 1
+
+    await until(logged)
+    metrics = (await client.get("/metrics")).text
+    assert "NaN" not in metrics.split("model_prediction_confidence_sum")[1].splitlines()[0]
+
+
+async def test_a_row_the_database_refuses_costs_only_itself(tmp_path) -> None:
+    metrics = ApiMetrics()
+    database = DatabaseSettings(url=f"sqlite+aiosqlite:///{tmp_path}/r.db")
+    predlog = PredictionLog(database, metrics, flush_interval_s=0.05)
+    bad = _record(0)
+    bad.confidence = float("nan")  # SQLite stores NaN as NULL: refused by NOT NULL (MySQL refuses NaN itself)
+    for record in (bad, *(_record(i) for i in range(1, 6))):
+        predlog.record(record)
+    task = asyncio.create_task(predlog.run())
+    try:
+
+        async def settled() -> bool:
+            return metrics.log_written._value.get() == 5
+
+        await until(settled)
+        predlog.record(_record(6))  # and the log goes on writing
+
+        async def more() -> bool:
+            return metrics.log_written._value.get() == 6
+
+        await until(more)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert metrics.log_dropped.labels(reason="rejected")._value.get() == 1
+    assert predlog.healthy and not predlog.pending(_record(0).id)
 
 
 async def test_uploads_are_stored_only_when_enabled(tmp_path) -> None:
@@ -260,3 +311,19 @@ async def test_shutdown_writes_what_is_queued(tmp_path) -> None:
         await task
     async with open_database(database) as sessions, sessions() as session:
         assert await session.scalar(select(func.count()).select_from(PredictionRow)) == 7
+
+
+async def test_a_database_down_at_start_does_not_stop_serving(api_settings: ApiSettings) -> None:
+    from tests.servers import free_port
+
+    down = DatabaseSettings(url=f"mysql+asyncmy://root@127.0.0.1:{free_port()}/nothing")  # nobody listens
+    async with serving(api_settings.model_copy(update={"database": down})) as (_, client):
+        answers = [await client.post("/predict", files={"file": ("g.jpg", GRASS, "image/jpeg")}) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        assert (await client.get("/health/ready")).status_code == 200  # the log is not a readiness dependency
+        metrics = (await client.get("/metrics")).text
+        assert metric(metrics, "prediction_log_healthy") == 0
+        assert metric(metrics, "prediction_log_written_total") == 0
+        assert metric(metrics, "prediction_log_dropped_total", reason="queue_full") == 0  # kept for later
+        feedback = await client.post("/feedback", json={"prediction_id": answers[0].json()["id"], "label": "grass"})
+        assert feedback.status_code == 503

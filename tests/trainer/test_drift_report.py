@@ -75,6 +75,7 @@ def champion(databases, s3_endpoint: str, mlflow_server: str, tmp_path_factory) 
 def champion_env(champion: TrainerSettings, monkeypatch: pytest.MonkeyPatch) -> TrainerSettings:
     for key, value in env_of(champion).items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setenv("TRAINER_DRIFT_MIN_SAMPLES", "100")
     return champion
 
 
@@ -173,6 +174,13 @@ def test_report_table_png_and_psi(champion_env: TrainerSettings, capsys, tmp_pat
         pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
     highlighted = np.all(np.abs(pixels - (0xFD, 0xEC, 0xEC)) <= 2, axis=1).sum()
     print(f"{len(flagged)} drifted panels, {highlighted} highlighted pixels, {out.stat().st_size} bytes")
+
+    # A handful of predictions is shown but not called drift: PSI is mostly noise at that size.
+    capsys.readouterr()  # what this test printed above
+    assert main(["drift", "--quiet", "--window", "20", "--out", str(tmp_path / "few.png")]) == 0
+    few = capsys.readouterr().out.strip().splitlines()
+    assert not [line for line in few if line.endswith("DRIFT")]
+    assert "not judged: 20 predictions, 100 needed" in few[-2]
     assert highlighted > 10_000 * len(flagged), highlighted
     assert 30_000 < out.stat().st_size < 1_000_000
 

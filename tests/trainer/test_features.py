@@ -73,3 +73,13 @@ def test_split_is_stable_when_data_grows() -> None:
     moved = sum(before[h] != after[h] for h in before)
     assert Counter(after.values()) == {"train": 140, "val": 30, "test": 30}
     assert moved <= 40, "growing by 40 images moves at most about that many across the boundaries"
+
+
+def test_feedback_images_are_only_ever_trained_on() -> None:
+    curated = {"dandelion": [f"d{i:03d}" for i in range(40)], "grass": [f"g{i:03d}" for i in range(40)]}
+    feedback = {"a-from-users", "b-from-users", "c-from-users"}  # hash order would put them first: in test
+    grown = {"dandelion": [*curated["dandelion"], "a-from-users"], "grass": [*curated["grass"], "b-from-users"]}
+    grown["grass"].append("c-from-users")
+    splits = assign_splits(grown, 15, 15, train_only=feedback)
+    assert {h: splits[h] for h in feedback} == dict.fromkeys(feedback, "train")
+    assert splits | {} == {**assign_splits(curated, 15, 15), **dict.fromkeys(feedback, "train")}  # others unmoved

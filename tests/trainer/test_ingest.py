@@ -69,8 +69,10 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
 
     root: Path
     flaky: dict[str, int]
+    gets: int = 0
 
     def do_GET(self) -> None:
+        MirrorHandler.gets += 1
         parts = self.path.strip("/").split("/")
         if len(parts) != 3 or parts[0] != "data":
             self.send_error(404)
@@ -129,8 +131,10 @@ def test_http_ingest_with_missing_indices_a_corrupt_file_and_retries(
     assert len(rows) == len(keys) == 320
     assert all(r.source.startswith(mirror) for r in rows)
 
+    MirrorHandler.gets = 0
     again = asyncio.run(ingest(stack_settings, mirror, per_class=200, progress=False))
     assert (again.new, again.duplicate) == (0, 320)
+    assert MirrorHandler.gets == 400 - 320  # only what is not ingested yet (missing, corrupt) is asked for again
 
 
 def test_unreachable_source_fails_with_one_line(stack_settings: TrainerSettings, capsys) -> None:

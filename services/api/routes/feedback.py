@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 from typing import Annotated
@@ -38,7 +39,7 @@ RESPONSES = {
     201: {"description": "Recorded"},
     400: {"description": "Malformed id, unknown label or invalid body"},
     401: {"description": "`API_FEEDBACK_TOKEN` is set and the bearer token is missing or wrong"},
-    404: {"description": "No prediction with this id (or it was dropped from the log under overload)"},
+    404: {"description": "No prediction with this id (or it was dropped from the log under overload or an outage)"},
     409: {"description": "A different label was already recorded for this prediction"},
     503: {"description": "The prediction log is off or its database is unavailable"},
 }
@@ -53,8 +54,10 @@ async def feedback(
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> JSONResponse:
     token = settings.feedback_token.get_secret_value() if settings.feedback_token else ""
-    if token and not hmac.compare_digest(f"Bearer {token}".encode(), (authorization or "").encode()):
-        raise Unauthorized("feedback needs 'Authorization: Bearer <API_FEEDBACK_TOKEN>'")
+    if token:
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), given.strip().encode()):
+            raise Unauthorized("feedback needs 'Authorization: Bearer <API_FEEDBACK_TOKEN>'")
     if not PREDICTION_ID.fullmatch(body.prediction_id):
         raise BadRequest("prediction_id must be the 32 hexadecimal characters of a prediction's id")
     known = runtime.current.labels if runtime.current else LABELS
@@ -63,12 +66,10 @@ async def feedback(
     predlog = request.app.state.predlog
     if predlog is None:
         raise Unavailable("feedback needs the prediction log, which is off (API_PREDICTION_LOG=false)")
-    if predlog.pending(body.prediction_id):
+    if predlog.pending(body.prediction_id):  # answered by this replica a moment ago: wait for its row
         await predlog.wait_written(body.prediction_id, WAIT_FOR_LOG_S)
-    if predlog.sessions is None:
-        raise Unavailable("the prediction log is starting; retry")
     try:
-        return await _record(predlog, body, request.app.state.metrics)
+        return await asyncio.wait_for(_record(predlog, body, request.app.state.metrics), WAIT_FOR_LOG_S + 10)
     except (NotFound, Conflict):
         raise
     except Exception as exc:
@@ -76,10 +77,14 @@ async def feedback(
 
 
 async def _record(predlog, body: Feedback, metrics) -> JSONResponse:
+    # Another replica may have answered it and not written its row yet (it writes every flush interval):
+    # look again for a little while before calling the id unknown.
+    deadline = asyncio.get_running_loop().time() + predlog.flush_interval_s + 1.0
     async with predlog.sessions() as session:
-        prediction = await session.get(PredictionRow, body.prediction_id)
-        if prediction is None:
-            raise NotFound(f"no prediction {body.prediction_id} in the log")
+        while (prediction := await session.get(PredictionRow, body.prediction_id)) is None:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise NotFound(f"no prediction {body.prediction_id} in the log")
+            await asyncio.sleep(0.25)
         existing = await session.get(FeedbackRow, body.prediction_id)
         if existing is None:
             session.add(FeedbackRow(prediction_id=body.prediction_id, label=body.label))
@@ -87,9 +92,10 @@ async def _record(predlog, body: Feedback, metrics) -> JSONResponse:
                 await session.commit()
             except IntegrityError:  # the same feedback, sent twice at once: the other one won
                 await session.rollback()
-                existing = (
-                    await session.scalars(select(FeedbackRow).where(FeedbackRow.prediction_id == body.prediction_id))
-                ).one()
+                query = select(FeedbackRow).where(FeedbackRow.prediction_id == body.prediction_id)
+                existing = (await session.scalars(query)).first()
+                if existing is None:
+                    raise NotFound(f"no prediction {body.prediction_id} in the log") from None
             else:
                 outcome = "correct" if prediction.label == body.label else "wrong"
                 metrics.feedback.labels(version=prediction.model_version, outcome=outcome).inc()
