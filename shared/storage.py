@@ -26,6 +26,7 @@ class ObjectStore(Protocol):
     async def get(self, key: str) -> bytes: ...
     async def exists(self, key: str) -> bool: ...
     async def list(self, prefix: str = "") -> list[str]: ...
+    async def delete(self, key: str) -> None: ...
     def uri(self, key: str) -> str: ...
 
 
@@ -73,6 +74,10 @@ class LocalStore:
             return sorted(k for k in keys if k.startswith(prefix) and not Path(k).name.startswith(".tmp-"))
 
         return await asyncio.to_thread(walk)
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; a key that is already gone is not an error."""
+        await asyncio.to_thread(self._path(key).unlink, missing_ok=True)
 
     def uri(self, key: str) -> str:
         return self._path(key).as_uri()
@@ -130,6 +135,10 @@ class S3Store:
             await self._call("create_bucket", Bucket=self.bucket)
         except Exception as exc:
             raise ObjectStoreError(f"S3 is unreachable: {exc}") from exc
+
+    async def delete(self, key: str) -> None:
+        """Remove ``key``; a key that is already gone is not an error (S3 semantics)."""
+        await self._call("delete_object", Bucket=self.bucket, Key=self._key(key))
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"

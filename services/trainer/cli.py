@@ -1,4 +1,4 @@
-"""``python -m services.trainer ingest|features|train|run|drift``: the training worker's command line."""
+"""``python -m services.trainer ingest|features|train|run|drift|prune``: the training worker's command line."""
 
 from __future__ import annotations
 
@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
         "--window", type=_positive, help="how many of the latest predictions (default: TRAINER_DRIFT_WINDOW)"
     )
     drift.add_argument("--out", type=Path, default=Path("drift.png"), help="histogram grid PNG (default: drift.png)")
+    prune = commands.add_parser(
+        "prune", parents=[common], help="delete old predictions and their kept uploads (not those with feedback)"
+    )
+    prune.add_argument(
+        "--older-than-days", type=float, help="default: TRAINER_PREDICTION_RETENTION_DAYS (90)", metavar="DAYS"
+    )
     return parser
 
 
@@ -86,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "drift":
             return _drift(settings, args.window, args.out)
+        if args.command == "prune":
+            from services.trainer.retention import prune_predictions
+
+            print(asyncio.run(prune_predictions(settings, args.older_than_days)).summary())
+            return 0
         if args.command in ("ingest", "run"):
             if args.command == "run" or args.source or not args.from_feedback:
                 report = asyncio.run(ingest(settings, args.source, args.per_class, progress=progress))

@@ -55,5 +55,7 @@ class TrainerSettings(BaseSettings):
     """Fewer predictions than this in the window: too noisy to call drift. PSI's chance level is ~9/n: with
     in-distribution inputs the worst colour feature passed 0.25 in about half of 100-prediction windows, 2 % of
     200-prediction ones and none at 300 (simulated against a 224-image training split)."""
+    prediction_retention_days: float = Field(90, gt=0)
+    """``prune`` deletes predictions (and their kept uploads) older than this, except those with feedback."""
     drift_threshold: float = Field(PSI_THRESHOLD, gt=0)
     """Worst PSI over the colour features above which ``run --if-needed`` retrains and ``drift`` flags."""

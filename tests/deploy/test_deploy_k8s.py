@@ -41,6 +41,7 @@ def test_manifests_exist() -> None:
         "api-hpa.yaml",
         "trainer-cronjob.yaml",
         "trainer-cronjob-if-needed.yaml",
+        "trainer-cronjob-prune.yaml",
         "trainer-job.yaml",
     }
     assert (K8S_DIR / "README.md").is_file()
@@ -78,6 +79,7 @@ def test_rendered_resources_are_namespaced_and_labelled(rendered: list[dict[str,
             "Service",
             "PodDisruptionBudget",
             "HorizontalPodAutoscaler",
+            "CronJob",
             "CronJob",
             "CronJob",
         ]
@@ -233,6 +235,26 @@ def test_continuous_training_cronjob(rendered: list[dict[str, Any]]) -> None:
     assert container["image"].startswith("ghcr.io/")
     _assert_restricted(pod)
     # Same image, environment, resources and security context as the weekly run: only the arguments differ.
+    weekly_pod = weekly["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (weekly_container,) = weekly_pod["containers"]
+    assert {**container, "args": weekly_container["args"]} == weekly_container
+    assert {k: v for k, v in pod.items() if k != "containers"} == {
+        k: v for k, v in weekly_pod.items() if k != "containers"
+    }
+
+
+def test_retention_cronjob(rendered: list[dict[str, Any]]) -> None:
+    """Daily: prune old predictions and their uploads; otherwise the weekly job's pod."""
+    cron = _cronjob(rendered, "dandelion-grass-prune-predictions")
+    weekly = _cronjob(rendered, "dandelion-grass-trainer")
+    minute, hour, *rest = cron["spec"]["schedule"].split()
+    assert minute.isdigit() and hour.isdigit() and rest == ["*", "*", "*"], cron["spec"]["schedule"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] <= 3600
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["args"] == ["prune"]
+    _assert_restricted(pod)
     weekly_pod = weekly["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     (weekly_container,) = weekly_pod["containers"]
     assert {**container, "args": weekly_container["args"]} == weekly_container
