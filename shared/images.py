@@ -16,6 +16,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MODEL_SIZE = 224
 """Side of the square array the model takes (the seed's 224 x 224 contract)."""
+EXTENSIONS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
+"""File extension of an image file by its Pillow format: ingested photos and kept uploads are named by it."""
+MIME_TYPES = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif",
+              "BMP": "image/bmp", "TIFF": "image/tiff"}  # fmt: skip
 
 
 class ImageError(ValueError):

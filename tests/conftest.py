@@ -229,6 +229,20 @@ def real_champion(databases: Databases, s3_endpoint: str, mlflow_server: str, da
     return settings, result
 
 
+def settings_env(settings: TrainerSettings) -> dict[str, str]:
+    """The contract's variables for ``settings``: what a CLI run or a trainer process needs to see them."""
+    registry = settings.registry
+    return {
+        "DATABASE_URL": settings.database.url.get_secret_value(),
+        "OBJECT_STORE_URL": settings.store.url,
+        "S3_ENDPOINT_URL": settings.store.endpoint_url or "",
+        "MLFLOW_TRACKING_URI": registry.tracking_uri,
+        "MLFLOW_S3_ENDPOINT_URL": registry.s3_endpoint_url or "",
+        "MLFLOW_EXPERIMENT_NAME": registry.experiment,
+        "MODEL_NAME": registry.model_name,
+    }
+
+
 def api_env(registry: RegistrySettings, **extra: str) -> dict[str, str]:
     """Environment for ``python -m services.api`` serving ``registry``'s model; the prediction log is off
     unless ``DATABASE_URL`` is among ``extra``."""

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from services.api.metrics import ApiMetrics
 from shared.db import create_engine, create_tables
+from shared.images import EXTENSIONS, MIME_TYPES
 from shared.settings import DatabaseSettings, ObjectStoreSettings
 from shared.storage import ObjectStore, open_store
 from shared.tables import FeedbackRow, PredictionRow
@@ -38,9 +39,6 @@ log = logging.getLogger(__name__)
 
 TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, OSError, TimeoutError)
 """Failures that retrying can fix: the database is down, restarting, unreachable or hung."""
-
-EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif", "MPO": "jpg"}
-MIME_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp", "gif": "image/gif", "bmp": "image/bmp"}
 
 
 @dataclass(slots=True)
@@ -77,7 +75,7 @@ class Record:
 
 
 def upload_key(record: Record) -> str:
-    ext = EXTENSIONS.get(record.image_format or "", "img")
+    ext = EXTENSIONS.get(record.image_format or "", "img")  # as ingest names files: the trainer reads these
     return f"uploads/{record.created_at:%Y/%m/%d}/{record.id}.{ext}"
 
 
@@ -263,7 +261,7 @@ class PredictionLog:
             data, record.image = record.image, None
             key, sha256 = upload_key(record), hashlib.sha256(data).hexdigest()
             try:
-                content_type = MIME_TYPES.get(key.rsplit(".", 1)[-1], "application/octet-stream")
+                content_type = MIME_TYPES.get(record.image_format or "", "application/octet-stream")
                 await asyncio.wait_for(store.put(key, data, content_type), self.upload_timeout_s)
             except Exception as exc:
                 self.metrics.uploads_dropped.labels(reason="store_error").inc()

@@ -31,8 +31,6 @@ from shared.storage import ObjectStore, ObjectStoreError, open_store
 from shared.tables import FeedbackRow, ImageRow, PredictionRow
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tif"}
-MIME_TYPES = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -367,8 +365,8 @@ async def _ingest_one(
         report.duplicate += 1
         return
     known.add(sha256)
-    key = f"raw/{candidate.label}/{sha256}.{EXTENSIONS.get(decoded.format, 'img')}"
-    await store.put(key, data, content_type=MIME_TYPES.get(decoded.format, "application/octet-stream"))
+    key = f"raw/{candidate.label}/{sha256}.{images.EXTENSIONS.get(decoded.format, 'img')}"
+    await store.put(key, data, content_type=images.MIME_TYPES.get(decoded.format, "application/octet-stream"))
     row = ImageRow(
         sha256=sha256,
         label=candidate.label,

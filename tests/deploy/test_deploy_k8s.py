@@ -234,13 +234,7 @@ def test_continuous_training_cronjob(rendered: list[dict[str, Any]]) -> None:
     assert container["args"] == ["run", "--if-needed", "--from-feedback"]
     assert container["image"].startswith("ghcr.io/")
     _assert_restricted(pod)
-    # Same image, environment, resources and security context as the weekly run: only the arguments differ.
-    weekly_pod = weekly["spec"]["jobTemplate"]["spec"]["template"]["spec"]
-    (weekly_container,) = weekly_pod["containers"]
-    assert {**container, "args": weekly_container["args"]} == weekly_container
-    assert {k: v for k, v in pod.items() if k != "containers"} == {
-        k: v for k, v in weekly_pod.items() if k != "containers"
-    }
+    _assert_weekly_pod_but_args(pod, weekly)
 
 
 def test_retention_cronjob(rendered: list[dict[str, Any]]) -> None:
@@ -255,7 +249,13 @@ def test_retention_cronjob(rendered: list[dict[str, Any]]) -> None:
     (container,) = pod["containers"]
     assert container["args"] == ["prune"]
     _assert_restricted(pod)
+    _assert_weekly_pod_but_args(pod, weekly)
+
+
+def _assert_weekly_pod_but_args(pod: dict[str, Any], weekly: dict[str, Any]) -> None:
+    """Same image, environment, resources and security context as the weekly run: only the arguments differ."""
     weekly_pod = weekly["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
     (weekly_container,) = weekly_pod["containers"]
     assert {**container, "args": weekly_container["args"]} == weekly_container
     assert {k: v for k, v in pod.items() if k != "containers"} == {

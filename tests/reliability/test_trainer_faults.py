@@ -22,7 +22,7 @@ from services.trainer.train import train_and_register
 from shared.db import open_database
 from shared.settings import DatabaseSettings, RegistrySettings
 from shared.tables import ImageRow
-from tests.conftest import ARTIFACTS, AWS_ENV, MYSQL_PORT
+from tests.conftest import ARTIFACTS, AWS_ENV, MYSQL_PORT, settings_env
 from tests.crafted import FAST_TRAINING, crafted_training, write_crafted_folder
 from tests.servers import TcpProxy
 
@@ -39,17 +39,10 @@ def crafted_settings(
 
 
 def trainer_env(settings: TrainerSettings) -> dict[str, str]:
-    registry = settings.registry
     return {
         **{k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")},
         **AWS_ENV,
-        "DATABASE_URL": settings.database.url.get_secret_value(),
-        "OBJECT_STORE_URL": settings.store.url,
-        "S3_ENDPOINT_URL": settings.store.endpoint_url or "",
-        "MLFLOW_TRACKING_URI": registry.tracking_uri,
-        "MLFLOW_S3_ENDPOINT_URL": registry.s3_endpoint_url or "",
-        "MLFLOW_EXPERIMENT_NAME": registry.experiment,
-        "MODEL_NAME": registry.model_name,
+        **settings_env(settings),
         "TRAINER_EPOCHS": "200",
         "TRAINER_PATIENCE": "200",  # no early stop: the run must still be training when it is killed
         "TRAINER_IMAGE_SIZE": "64",

@@ -23,24 +23,11 @@ from services.trainer.train import train_and_register
 from shared.descriptors import DESCRIPTOR_COLUMNS
 from shared.drift import ALERTING_FEATURES, Reference
 from shared.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
-from tests.conftest import AWS_ENV, MYSQL_HOST, MYSQL_PORT
+from tests.conftest import AWS_ENV, MYSQL_HOST, MYSQL_PORT, settings_env
 from tests.crafted import FAST_TRAINING, crafted, write_crafted_folder
 from tests.trainer.test_feedback_ingest import START, api_prediction, record
 
 DARK = 150
-
-
-def env_of(settings: TrainerSettings) -> dict[str, str]:
-    registry = settings.registry
-    return {
-        "DATABASE_URL": settings.database.url.get_secret_value(),
-        "OBJECT_STORE_URL": settings.store.url,
-        "S3_ENDPOINT_URL": settings.store.endpoint_url or "",
-        "MLFLOW_TRACKING_URI": registry.tracking_uri,
-        "MLFLOW_S3_ENDPOINT_URL": registry.s3_endpoint_url or "",
-        "MLFLOW_EXPERIMENT_NAME": registry.experiment,
-        "MODEL_NAME": registry.model_name,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +60,7 @@ def champion(databases, s3_endpoint: str, mlflow_server: str, tmp_path_factory) 
 
 @pytest.fixture
 def champion_env(champion: TrainerSettings, monkeypatch: pytest.MonkeyPatch) -> TrainerSettings:
-    for key, value in env_of(champion).items():
+    for key, value in settings_env(champion).items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("TRAINER_DRIFT_MIN_SAMPLES", "100")
     return champion
@@ -95,7 +82,7 @@ def jpeg(image: Image.Image) -> bytes:
 def test_without_a_champion_it_fails_in_one_line(
     stack_settings: TrainerSettings, registry_settings: RegistrySettings, monkeypatch, capsys
 ) -> None:
-    for key, value in env_of(stack_settings.model_copy(update={"registry": registry_settings})).items():
+    for key, value in settings_env(stack_settings.model_copy(update={"registry": registry_settings})).items():
         monkeypatch.setenv(key, value)
     assert main(["drift", "--quiet"]) == 1
     captured = capsys.readouterr()
