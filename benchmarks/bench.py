@@ -167,9 +167,10 @@ class Registry:
 
 
 @contextmanager
-def private_registry(work: Path, data: Path, epochs: int, per_class: int) -> Iterator[Registry]:
-    """An ``mlflow server`` (SQLite, local artifacts) holding a quickly trained champion: accuracy is beside
-    the point, the serving path is the trainer's own (ingest -> features -> train -> register -> export)."""
+def private_registry(work: Path, data: Path, per_class: int) -> Iterator[Registry]:
+    """An ``mlflow server`` (SQLite, local artifacts) holding a champion trained by the trainer's own recipe on
+    ``per_class`` photos of each class: the serving path is the production one (ingest -> features -> train ->
+    register -> export), and so is the network that serves."""
     server = Server(
         "mlflow server",
         [
@@ -200,9 +201,9 @@ def private_registry(work: Path, data: Path, epochs: int, per_class: int) -> Ite
             "TRAINER_PROMOTION_FLOOR": "0",
             "TF_CPP_MIN_LOG_LEVEL": "2",
         }
-        argv = [sys.executable, "-m", "services.trainer", "run", "--quiet", "--force", "--epochs", str(epochs)]
+        argv = [sys.executable, "-m", "services.trainer", "run", "--quiet", "--force"]
         argv += ["--source", str(data), "--per-class", str(per_class)]
-        print(f"training a {epochs}-epoch model into a private registry ({server.url}) ...", flush=True)
+        print(f"training a model into a private registry ({server.url}) ...", flush=True)
         with (work / "trainer.log").open("ab") as out:
             done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=_env(env), cwd=REPO, check=False)
         if done.returncode:
@@ -542,7 +543,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model-name", default="dandelion-grass", help="with --tracking-uri")
     parser.add_argument("--model-alias", default="champion")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="photos in dandelion/ and grass/")
-    parser.add_argument("--epochs", type=int, default=2, help="epochs of the private registry's model")
     parser.add_argument("--per-class", type=int, default=80, help="photos per class for the private model")
     parser.add_argument("--quick", action="store_true", help="a few requests per cell, concurrency 1 and 8")
     parser.add_argument("--concurrency", help="comma-separated, e.g. 1,8,32 (default: 1,8,32; quick: 1,8)")
@@ -571,7 +571,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.tracking_uri:
             result = run(Registry(args.tracking_uri, args.model_name, args.model_alias), args.data, work, plan, log)
         else:
-            with private_registry(work, args.data, args.epochs, args.per_class) as registry:
+            with private_registry(work, args.data, args.per_class) as registry:
                 result = run(registry, args.data, work, plan, log)
     finally:
         if args.workdir is None:

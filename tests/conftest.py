@@ -195,8 +195,8 @@ def registry_settings(mlflow_server: str, s3_endpoint: str) -> RegistrySettings:
 def real_champion(databases: Databases, s3_endpoint: str, mlflow_server: str, data_dir: Path, tmp_path_factory):
     """A model trained on the real photos, registered on the real tracking server behind ``champion``.
 
-    Shorter than the production recipe (the suite has minutes, not hours) but the same code path:
-    ingest -> features -> train -> register -> gate.
+    The production recipe (pretrained backbone, head, cross-validation) and code path: ingest -> features ->
+    train -> register -> gate.
     """
     import asyncio
 
@@ -219,8 +219,7 @@ def real_champion(databases: Databases, s3_endpoint: str, mlflow_server: str, da
             model_name="dandelion-grass-champion",
         ),
         data_source=str(data_dir),
-        epochs=int(os.environ.get("TEST_CHAMPION_EPOCHS", "20")),
-        promotion_floor=0.6,
+        promotion_floor=0.9,
     )
     asyncio.run(ingest(settings, progress=False))
     asyncio.run(build_features(settings, progress=False))

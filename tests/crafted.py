@@ -1,6 +1,7 @@
 """Crafted, unmistakable photos of each class: yellow flower heads on green, or green blades only.
 
-Small models learn them in a few epochs, so tests can check the label order end to end quickly.
+The pretrained backbone separates them at a small working resolution, so tests can check the label order
+end to end quickly.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def write_crafted_folder(root: Path, per_class: int, offset: int = 0) -> Path:
     return root
 
 
-FAST_TRAINING = {"epochs": 10, "image_size": 64, "batch_size": 8, "patience": 10, "learning_rate": 3e-3}
-"""Enough steps for batch norm's statistics to settle on crafted images, in seconds rather than minutes."""
+FAST_TRAINING = {"resolution": 128, "cv_folds": 3, "cv_repeats": 1}
+"""The production recipe at a fifth of its pixels and with one shuffle of three folds: seconds, not a minute."""
 
 
 def crafted_training(stack_settings, registry_settings, folder: Path, per_class: int, floor: float):

@@ -48,8 +48,7 @@ def _parser() -> argparse.ArgumentParser:
             )
         else:
             p.add_argument("--feature-set", type=int, help="feature-set version (default: latest)")
-        p.add_argument("--epochs", type=int, help="override TRAINER_EPOCHS")
-        p.add_argument("--seed", type=int, help="override TRAINER_SEED")
+        p.add_argument("--seed", type=int, help="override TRAINER_SEED (shuffles the cross-validation folds)")
         p.add_argument("--force", action="store_true", help="promote even if the quality gate says no")
     drift = commands.add_parser(
         "drift", parents=[common], help="compare the champion's training data with recent predictions"
@@ -83,11 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("botocore", "aiobotocore", "httpx", "urllib3", "alembic", "mlflow", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = TrainerSettings()
-    overrides = {
-        k: v for k, v in (("epochs", getattr(args, "epochs", None)), ("seed", getattr(args, "seed", None))) if v
-    }
-    if overrides:
-        settings = settings.model_copy(update=overrides)
+    if getattr(args, "seed", None) is not None:
+        settings = settings.model_copy(update={"seed": args.seed})
     progress = not args.quiet
     try:
         if args.command == "drift":

@@ -60,15 +60,19 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_history(history: dict[str, Sequence[float]], path: Path) -> None:
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=100)
-    for key, ax in (("loss", loss_ax), ("accuracy", acc_ax)):
-        for prefix, style in (("", "-"), ("val_", "--")):
-            if f"{prefix}{key}" in history:
-                ax.plot(history[f"{prefix}{key}"], style, label=f"{prefix or 'train_'}{key}".rstrip("_"))
-        ax.set_xlabel("epoch")
-        ax.set_title(key)
-        ax.legend()
+def plot_regularisation(curve: dict[float, float], chosen: float, cv, path: Path) -> None:
+    """Cross-validated accuracy of the head on the training split for each regularisation tried."""
+    cs = sorted(curve)
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
+    ax.semilogx(cs, [curve[c] * 100 for c in cs], "o-", label="training split, cross-validated")
+    ax.axvline(chosen, color="grey", linestyle="--", label=f"chosen C = {chosen:g}")
+    ax.axhline(
+        cv.mean * 100, color="tab:green", linestyle=":", label=f"recipe, {cv.folds}-fold CV on all: {cv.mean:.1%}"
+    )
+    ax.set_xlabel("C (inverse regularisation)")
+    ax.set_ylabel("accuracy %")
+    ax.set_title("linear head: regularisation")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -29,12 +29,16 @@ def litert_model(keras_model, probe: np.ndarray | None = None, tolerance: float 
     result must agree with Keras within ``tolerance`` on ``probe`` (default: a fixed random batch).
     """
     import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     @tf.function(input_signature=[tf.TensorSpec((None, MODEL_SIZE, MODEL_SIZE, 3), tf.float32, name="image")])
     def serve(x):
         return keras_model(x, training=False)
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([serve.get_concrete_function()], keras_model)
+    # Weights frozen into constants here: left to the converter, some Keras models (a plain Conv2D + Dense one
+    # was enough) came out with their weights as uninitialised resource variables, answering garbage.
+    frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen], keras_model)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     converter.optimizations = []  # float32 throughout: the answers must equal the Keras model's
     flatbuffer = converter.convert()

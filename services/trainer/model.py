@@ -1,83 +1,70 @@
-"""The network: a small residual CNN trained from scratch, and the serving model exported around it.
+"""The served network: the seed's 224 x 224 contract, the pretrained backbone, and the linear head.
 
 Serving contract: input float32 ``(-1, 224, 224, 3)`` in [0, 1] (the seed's), output the probability of
-each class in :data:`shared.labels.LABELS` order. The network works at ``image_size`` inside (a resize
-layer), augments only while training, and the exported model averages the image and its mirror image
-(test-time augmentation) inside its own forward pass, so every client gets the same answer.
+each class in :data:`shared.labels.LABELS` order. Inside, the image is resized to the backbone's working
+side (upsampling the contract's 224 px lets the ImageNet features see small flower heads at a scale they
+know), normalised as EfficientNet-Lite expects, pooled to 1280 features, and classified by one softmax
+layer. The feature extractor used for training *is* the front of the served model (same layers, same
+weights), so the head is trained on exactly the features it will be served.
 Only built-in Keras layers and ``keras.ops`` are used: any MLflow/Keras installation loads the model.
 """
 
 from __future__ import annotations
 
-import keras
+from collections.abc import Callable
 
+import keras
+import numpy as np
+
+from services.trainer.head import LinearHead
 from shared.images import MODEL_SIZE
 from shared.labels import LABELS
 
-BN_MOMENTUM = 0.9
-"""A few hundred steps per training: the default 0.99 would leave the moving statistics near their start."""
 
-
-def augmentation(seed: int) -> keras.Sequential:
-    """Random, label-preserving changes; active only in training (Keras disables them at inference)."""
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(0.08, fill_mode="reflect", seed=seed + 1),
-            keras.layers.RandomZoom((-0.25, 0.1), fill_mode="reflect", seed=seed + 2),
-            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="reflect", seed=seed + 3),
-            keras.layers.RandomContrast(0.25, seed=seed + 4),
-            keras.layers.RandomBrightness(0.15, value_range=(0.0, 1.0), seed=seed + 5),
-        ],
-        name="augment",
-    )
-
-
-def _block(x: keras.KerasTensor, filters: int, weight_decay: float, name: str) -> keras.KerasTensor:
-    """Two separable 3x3 convolutions with a strided shortcut: halves resolution, keeps gradients flowing."""
-    reg = keras.regularizers.l2(weight_decay) if weight_decay else None
-    shortcut = keras.layers.Conv2D(filters, 1, strides=2, use_bias=False, kernel_regularizer=reg, name=f"{name}_proj")(
-        x
-    )
-    shortcut = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_proj_bn")(shortcut)
-    y = keras.layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_sep1")(x)
-    y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)
-    y = keras.layers.Activation("relu", name=f"{name}_relu1")(y)
-    y = keras.layers.SeparableConv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_sep2")(y)
-    y = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(y)
-    y = keras.layers.MaxPooling2D(3, strides=2, padding="same", name=f"{name}_pool")(y)
-    return keras.layers.Add(name=f"{name}_add")([y, shortcut])
-
-
-def build_network(
-    image_size: int = 128,
-    seed: int = 0,
-    widths: tuple[int, ...] = (32, 64, 128, 256),
-    dropout: float = 0.3,
-    weight_decay: float = 0.0,
-) -> keras.Model:
-    """The trainable network: 224 x 224 input, resize, augment, stem, residual blocks, softmax."""
-    inputs = keras.Input((MODEL_SIZE, MODEL_SIZE, 3), name="image")
-    x = keras.layers.Resizing(image_size, image_size, name="resize")(inputs)
-    x = augmentation(seed)(x)
-    x = keras.layers.Rescaling(2.0, offset=-1.0, name="center")(x)
-    x = keras.layers.Conv2D(widths[0], 3, strides=2, padding="same", use_bias=False, name="stem")(x)
-    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
-    x = keras.layers.Activation("relu", name="stem_relu")(x)
-    for i, filters in enumerate(widths[1:], start=1):
-        x = _block(x, filters, weight_decay, name=f"block{i}")
-        x = keras.layers.Activation("relu", name=f"block{i}_out")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
-    outputs = keras.layers.Dense(len(LABELS), activation="softmax", name="probabilities")(x)
-    return keras.Model(inputs, outputs, name="dandelion_grass_cnn")
-
-
-def serving_model(network: keras.Model, tta: bool = True) -> keras.Model:
-    """The exported model: the trained network, averaged over the image and its mirror when ``tta``."""
+def feature_model(backbone: keras.Model, resolution: int) -> keras.Model:
+    """``(-1, 224, 224, 3)`` in [0, 1] -> pooled backbone features ``(-1, 1280)``."""
     inputs = keras.Input((MODEL_SIZE, MODEL_SIZE, 3), name="image", dtype="float32")
-    probabilities = network(inputs, training=False)
+    x = inputs
+    if resolution != MODEL_SIZE:
+        x = keras.layers.Resizing(resolution, resolution, interpolation="bilinear", name="resize")(x)
+    # EfficientNet-Lite's normalisation: (pixel - 127) / 128 on the 0-255 scale.
+    x = keras.layers.Rescaling(255.0 / 128.0, offset=-127.0 / 128.0, name="normalise")(x)
+    return keras.Model(inputs, backbone(x), name="features")
+
+
+def serving_model(features: keras.Model, head: LinearHead, tta: bool = False) -> keras.Model:
+    """The exported model; with ``tta`` it averages the image and its mirror image inside its forward pass."""
+    classifier = keras.layers.Dense(len(LABELS), activation="softmax", name="probabilities")
+    classifier.build((None, features.output_shape[-1]))
+    classifier.set_weights(list(head.dense_weights()))
+    inputs = keras.Input((MODEL_SIZE, MODEL_SIZE, 3), name="image", dtype="float32")
+    probabilities = classifier(features(inputs))
     if tta:
-        mirrored = network(keras.ops.flip(inputs, axis=2), training=False)
+        mirrored = classifier(features(keras.ops.flip(inputs, axis=2)))
         probabilities = keras.layers.Average(name="tta_mean")([probabilities, mirrored])
-    return keras.Model(inputs, probabilities, name="dandelion_grass_serving")
+    return keras.Model(inputs, probabilities, name="dandelion_grass")
+
+
+def traced(model: keras.Model, batch_size: int = 16) -> Callable[[np.ndarray], np.ndarray]:
+    """``x`` (float32 ``(n, 224, 224, 3)``) -> ``model``'s outputs, in batches, through one traced graph.
+
+    Not ``model.predict`` (per-call overhead) nor eager calls: eager calls of this network at 288 px held
+    gigabytes of intermediate tensors (5 GB at batch 32), past the trainer's 6 GiB memory limit.
+    """
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec((None, MODEL_SIZE, MODEL_SIZE, 3), tf.float32)])
+    def call(batch):
+        return model(batch, training=False)
+
+    def compute(x: np.ndarray) -> np.ndarray:
+        if not len(x):
+            return np.zeros((0, model.output_shape[-1]), np.float32)
+        return np.concatenate([call(tf.constant(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)])
+
+    return compute
+
+
+def extractor(features: keras.Model, batch_size: int = 16) -> Callable[[np.ndarray], np.ndarray]:
+    """``x`` -> pooled features (see :func:`traced`)."""
+    return traced(features, batch_size)

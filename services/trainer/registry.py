@@ -58,20 +58,22 @@ def current_champion(client: MlflowClient, settings: RegistrySettings) -> tuple[
     return version.version, version.run_id
 
 
-def evaluate_version(settings: RegistrySettings, version: str, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def evaluate_version(settings: RegistrySettings, version: str, x: np.ndarray) -> np.ndarray:
     """The probabilities a registered version gives ``x``, in the product's label order."""
-    import keras
-
+    from services.trainer.model import traced
     from shared.labels import LABELS
 
     uri = f"models:/{settings.model_name}/{version}"
     model = mlflow.tensorflow.load_model(uri)
     info = mlflow.models.get_model_info(uri)
     labels = tuple((info.metadata or {}).get("labels", LABELS))
-    probs = np.concatenate(
-        [keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
-    )
+    probs = traced(model)(x)
     return probs[:, [labels.index(label) for label in LABELS]]
+
+
+AUC_TIE_BREAK_MARGIN = 0.005
+"""On equal test accuracy, how much higher the challenger's ROC AUC must be to win: a retrain on the same data
+differs from the champion only in float noise, and noise must not displace a champion."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +94,7 @@ def decide(
 ) -> GateDecision:
     """Promote only on evidence: above the floor and better than the champion on the same test split.
 
-    Accuracy decides; on a tie, ROC AUC does (a more confident ranking of the same answers).
+    Accuracy decides; on a tie, a clearly higher ROC AUC does (a more confident ranking of the same answers).
     """
     version = champion.version if champion else None
     champ_acc = champion.accuracy if champion else None
@@ -103,7 +105,7 @@ def decide(
     if champion is None:
         return GateDecision(True, f"first model above the floor {floor:.4f} (accuracy {accuracy:.4f})", None, None)
     if accuracy > champion.accuracy + min_gain or (
-        min_gain == 0 and accuracy == champion.accuracy and roc_auc > champion.roc_auc
+        min_gain == 0 and accuracy == champion.accuracy and roc_auc > champion.roc_auc + AUC_TIE_BREAK_MARGIN
     ):
         return GateDecision(
             True,

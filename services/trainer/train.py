@@ -1,4 +1,10 @@
-"""Train a CNN on a feature set, log everything to one MLflow run, register the model and apply the gate.
+"""Train the classifier on a feature set, log everything to one MLflow run, register the model, apply the gate.
+
+The recipe (chosen by cross-validation on the 320 photos; see the README): the pretrained, frozen
+EfficientNet-Lite backbone (:mod:`backbone`) turns each photo and its mirror image into 1280 features,
+and a logistic regression (:mod:`head`) learns the classes from them. Every run also cross-validates the
+recipe on all the photos of its feature set (:mod:`crossval`), so the run shows an honest estimate beside
+the small test split's.
 
 ``train_and_register`` is a function that returns a result: one run per call, the model registered only
 when training and evaluation succeeded, the alias moved only on evidence (see :mod:`registry`).
@@ -9,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from services.trainer import evaluation
+from services.trainer import backbone, crossval, evaluation, head
+from services.trainer.crossval import CrossValidation
 from services.trainer.dataset import splits_from_table
 from services.trainer.features import load_feature_set
 from services.trainer.registry import Champion, GateDecision, connect, current_champion, decide, evaluate_version
@@ -40,8 +46,10 @@ class TrainResult:
     feature_set_version: int
     metrics: dict[str, float]
     decision: GateDecision
-    epochs: int
-    seconds_per_epoch: float
+    cross_validation: CrossValidation
+    c: float
+    """The head's inverse regularisation, chosen by cross-validation on the training split."""
+    feature_seconds: float
     training_seconds: float
     total_seconds: float
 
@@ -51,8 +59,8 @@ class TrainResult:
             f"train: {self.model_name} v{self.version} (run {self.run_id[:8]}, "
             f"feature set v{self.feature_set_version}): "
             f"test accuracy {self.metrics['test_accuracy']:.4f}, F1 {self.metrics['test_f1']:.4f}, "
-            f"ROC AUC {self.metrics['test_roc_auc']:.4f}; {self.epochs} epochs, "
-            f"{self.seconds_per_epoch:.1f} s/epoch, {self.training_seconds:.0f} s training, "
+            f"ROC AUC {self.metrics['test_roc_auc']:.4f}; {self.cross_validation.summary()}; "
+            f"features {self.feature_seconds:.0f} s, head and cross-validation {self.training_seconds:.0f} s, "
             f"{self.total_seconds:.0f} s total\n"
             f"gate: {verdict}: {self.decision.reason}"
         )
@@ -71,19 +79,9 @@ def _pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name)}" for name in names]
 
 
-def _one_hot(y: np.ndarray) -> np.ndarray:
-    return np.eye(len(LABELS), dtype=np.float32)[y]
-
-
-def _predict(model, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """Forward passes by direct call (``model.predict`` is slower and unnecessary here)."""
-    import keras
-
-    if not len(x):
-        return np.zeros((0, len(LABELS)), np.float32)
-    return np.concatenate(
-        [keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=False)) for i in range(0, len(x), batch_size)]
-    )
+def _views(extract, x: np.ndarray) -> np.ndarray:
+    """Pooled features of each photo and of its mirror image: ``(n, 2, 1280)``."""
+    return np.stack([extract(x), extract(np.ascontiguousarray(x[:, :, ::-1]))], axis=1)
 
 
 def train_and_register(
@@ -102,31 +100,32 @@ def train_and_register(
 
     import keras
     import mlflow
-    import tensorflow as tf
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from services.trainer.model import build_network, serving_model
+    from services.trainer.model import extractor, feature_model, serving_model, traced
 
     reference = drift_reference(table, f"{feature_set.name}:v{feature_set.version}")
-
+    variant = backbone.VARIANTS[settings.backbone]
+    weights = backbone.load_weights(variant, settings.backbone_weights)  # checksum first, then a safe unpickle
     client = connect(settings.registry)
     keras.utils.set_random_seed(settings.seed)
-    tf.config.experimental.enable_op_determinism()
+    eval_views = 2 if settings.tta else 1
 
     params = {
         "seed": settings.seed,
-        "epochs": settings.epochs,
-        "batch_size": settings.batch_size,
-        "learning_rate": settings.learning_rate,
-        "image_size": settings.image_size,
+        "backbone": f"efficientnet-{variant.name}",
+        "backbone_weights": f"{variant.package} ({variant.file}, sha256 {variant.sha256[:16]}…)",
+        "pretrained_on": "ImageNet-1k",
+        "backbone_frozen": True,
+        "resolution": settings.resolution,
         "input_size": MODEL_SIZE,
-        "patience": settings.patience,
         "tta": settings.tta,
-        "optimizer": "AdamW",
-        "weight_decay": 1e-4,
-        "label_smoothing": 0.1,
-        "lr_schedule": "cosine with 2-epoch warm-up",
+        "training_views": "photo, mirror image",
+        "head": "logistic regression on standardised pooled features",
+        "head_c_grid": ",".join(f"{c:g}" for c in settings.head_c_grid),
+        "cv_folds": settings.cv_folds,
+        "cv_repeats": settings.cv_repeats,
         "labels": ",".join(LABELS),
         "feature_set_name": feature_set.name,
         "feature_set_version": feature_set.version,
@@ -141,69 +140,76 @@ def train_and_register(
         mlflow.log_params(params)
         mlflow.set_tags({"feature_set": f"{feature_set.name}:v{feature_set.version}", "trainer": "services.trainer"})
 
-        network = build_network(settings.image_size, settings.seed)
-        steps_per_epoch = math.ceil(len(train) / settings.batch_size)
-        schedule = keras.optimizers.schedules.CosineDecay(
-            0.0,
-            decay_steps=max(1, steps_per_epoch * settings.epochs - 2 * steps_per_epoch),
-            warmup_target=settings.learning_rate,
-            warmup_steps=2 * steps_per_epoch,
-        )
-        network.compile(
-            optimizer=keras.optimizers.AdamW(schedule, weight_decay=params["weight_decay"]),
-            loss=keras.losses.CategoricalCrossentropy(label_smoothing=params["label_smoothing"]),
-            metrics=["accuracy"],
-        )
-        epoch_seconds: list[float] = []
-
-        class EpochLogger(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch: int, logs=None) -> None:
-                self._t = time.perf_counter()
-
-            def on_epoch_end(self, epoch: int, logs=None) -> None:
-                epoch_seconds.append(time.perf_counter() - self._t)
-                values = {k: float(v) for k, v in (logs or {}).items()}
-                values["epoch_seconds"] = epoch_seconds[-1]
-                values["learning_rate"] = float(keras.ops.convert_to_numpy(schedule(self.model.optimizer.iterations)))
-                mlflow.log_metrics(values, step=epoch)
+        features = feature_model(backbone.build(variant, weights), settings.resolution)
+        feature_started = time.perf_counter()
+        extract = extractor(features)
+        views = {name: _views(extract, split.x) for name, split in data.items()}
+        feature_seconds = time.perf_counter() - feature_started
+        mlflow.log_metric("feature_seconds", feature_seconds)
+        if progress:
+            print(
+                f"train: features of {sum(len(s) for s in data.values())} photos and their mirror images at "
+                f"{settings.resolution} px in {feature_seconds:.0f} s",
+                flush=True,
+            )
 
         fit_started = time.perf_counter()
-        history = network.fit(
-            train.x,
-            _one_hot(train.y),
-            validation_data=(val.x, _one_hot(val.y)),
-            epochs=settings.epochs,
-            batch_size=settings.batch_size,
-            shuffle=True,
-            verbose=2 if progress else 0,
-            callbacks=[
-                keras.callbacks.EarlyStopping(
-                    monitor="val_loss", patience=settings.patience, restore_best_weights=True
-                ),
-                EpochLogger(),
-            ],
+        c, curve = head.choose_c(
+            views["train"], train.y, settings.head_c_grid, settings.cv_folds, settings.seed, eval_views
+        )
+        fitted = head.fit(views["train"], train.y, c)
+        everything = np.concatenate([views[name] for name in ("train", "val", "test")])
+        labels = np.concatenate([train.y, val.y, test.y])
+        cv = crossval.cross_validate(
+            everything,
+            labels,
+            folds=settings.cv_folds,
+            seed=settings.seed,
+            grid=settings.head_c_grid,
+            eval_views=eval_views,
+            repeats=settings.cv_repeats,
         )
         training_seconds = time.perf_counter() - fit_started
+        if progress:
+            print(f"train: head C={c:g} (chosen by cross-validation on the training split); {cv.summary()}", flush=True)
 
-        exported = serving_model(network, tta=settings.tta)
-        test_probs = _predict(exported, test.x)
+        exported = serving_model(features, fitted, tta=settings.tta)
+        test_probs = traced(exported)(test.x)
+        expected = head.predict(fitted, views["test"][:, :eval_views])
+        if not np.allclose(test_probs, expected, atol=1e-4):  # the folded Dense layer must be the fitted head
+            raise RuntimeError(f"the exported model differs from its head by {np.abs(test_probs - expected).max():.3g}")
         results = evaluation.metrics(test.y, test_probs)
-        results.update(evaluation.metrics(val.y, _predict(exported, val.x), prefix="val_final_"))
+        results.update(
+            evaluation.metrics(val.y, head.predict(fitted, views["val"][:, :eval_views]), prefix="val_final_")
+        )
+        results.update(cv.metrics())
+        results.update({f"head_cv_accuracy_c{c_value:g}": accuracy for c_value, accuracy in curve.items()})
+        results["head_c"] = c
         results["training_seconds"] = training_seconds
-        results["epochs_run"] = len(epoch_seconds)
-        results["seconds_per_epoch"] = float(np.mean(epoch_seconds))
         mlflow.log_metrics(results)
 
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             evaluation.plot_confusion(test.y, test_probs.argmax(axis=1), out / "confusion_matrix.png")
-            evaluation.plot_history(history.history, out / "learning_curves.png")
+            evaluation.plot_regularisation(curve, c, cv, out / "regularisation.png")
             n_wrong = evaluation.misclassified_grid(
                 test.image, test.y, test_probs, out / "misclassified_test_images.png"
             )
             (out / "labels.json").write_text(json.dumps(list(LABELS)))
-            (out / "history.json").write_text(
-                json.dumps({k: [float(v) for v in vs] for k, vs in history.history.items()})
+            (out / "cross_validation.json").write_text(
+                json.dumps(
+                    {
+                        "folds": cv.folds,
+                        "repeats": cv.repeats,
+                        "photos": cv.photos,
+                        "fold_accuracies": cv.fold_accuracies,
+                        "mean": cv.mean,
+                        "sd": cv.sd,
+                        "recall": cv.recall,
+                        "chosen_c": cv.chosen_c,
+                    },
+                    indent=2,
+                )
             )
             mlflow.log_artifacts(tmp, artifact_path="report")
             mlflow.log_dict({"labels": list(LABELS)}, "labels.json")
@@ -229,9 +235,11 @@ def train_and_register(
                 metadata={
                     "labels": list(LABELS),
                     "input_size": MODEL_SIZE,
-                    "image_size": settings.image_size,
+                    "backbone": f"efficientnet-{variant.name}",
+                    "resolution": settings.resolution,
                     "tta": settings.tta,
                     "feature_set": f"{feature_set.name}:v{feature_set.version}",
+                    "cv_accuracy": round(cv.mean, 4),
                     "drift_reference": reference.to_dict(),
                 },
                 registered_model_name=settings.registry.model_name,
@@ -250,8 +258,9 @@ def train_and_register(
         feature_set_version=feature_set.version,
         metrics=results,
         decision=decision,
-        epochs=len(epoch_seconds),
-        seconds_per_epoch=float(np.mean(epoch_seconds)),
+        cross_validation=cv,
+        c=c,
+        feature_seconds=feature_seconds,
         training_seconds=training_seconds,
         total_seconds=time.perf_counter() - started,
     )

@@ -23,9 +23,19 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def keras_model():
-    from services.trainer.model import build_network, serving_model
+    """The product's network (pretrained backbone, resize, normalisation, softmax head) at a small working
+    side, with test-time mirroring on: every layer kind the trainer exports."""
+    from services.trainer import backbone
+    from services.trainer.head import LinearHead
+    from services.trainer.model import feature_model, serving_model
 
-    return serving_model(build_network(image_size=64, seed=1, widths=(8, 16)), tta=True)
+    variant = backbone.VARIANTS["lite0"]
+    features = feature_model(backbone.build(variant, backbone.load_weights(variant)), resolution=96)
+    rng = np.random.default_rng(1)
+    # Coefficients of a trained head's size (a random steep one would amplify float rounding past 1e-5).
+    head = LinearHead(rng.standard_normal(backbone.FEATURES) * 0.01, 0.2, np.full(backbone.FEATURES, 0.3),
+                      np.full(backbone.FEATURES, 0.5), 0.01)  # fmt: skip
+    return serving_model(features, head, tta=True)
 
 
 @pytest.fixture(scope="module")

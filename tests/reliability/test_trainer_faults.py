@@ -28,7 +28,8 @@ from tests.servers import TcpProxy
 
 pytestmark = pytest.mark.slow
 
-EPOCH_METRIC = "loss"
+MIDWAY_METRIC = "feature_seconds"
+"""Logged once the photos' features are computed, before the head is fitted and anything is registered."""
 
 
 @pytest.fixture
@@ -51,8 +52,8 @@ def trainer_env(settings: TrainerSettings) -> dict[str, str]:
     }
 
 
-def wait_for_epoch_metric(client: MlflowClient, experiment: str, known: set[str], process: subprocess.Popen) -> str:
-    """The id of the new run once it has logged at least one epoch metric."""
+def wait_for_midway_metric(client: MlflowClient, experiment: str, known: set[str], process: subprocess.Popen) -> str:
+    """The id of the new run once it is half-way: its features computed, nothing registered yet."""
     exp = client.get_experiment_by_name(experiment)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -61,10 +62,10 @@ def wait_for_epoch_metric(client: MlflowClient, experiment: str, known: set[str]
             exp = client.get_experiment_by_name(experiment)
         else:
             for run in client.search_runs([exp.experiment_id]):
-                if run.info.run_id not in known and client.get_metric_history(run.info.run_id, EPOCH_METRIC):
+                if run.info.run_id not in known and client.get_metric_history(run.info.run_id, MIDWAY_METRIC):
                     return run.info.run_id
         time.sleep(0.2)
-    raise TimeoutError("the trainer logged no epoch metric in time")
+    raise TimeoutError("the trainer did not get half-way in time")
 
 
 def test_sigkill_mid_training_leaves_the_champion_alone(crafted_settings: TrainerSettings) -> None:
@@ -85,7 +86,7 @@ def test_sigkill_mid_training_leaves_the_champion_alone(crafted_settings: Traine
             start_new_session=True,
         )
     try:
-        killed_run = wait_for_epoch_metric(client, registry.experiment, known, process)
+        killed_run = wait_for_midway_metric(client, registry.experiment, known, process)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

@@ -55,7 +55,7 @@ def test_contract_variables(clean_env) -> None:
         "MODEL_NAME": "dg",
         "MODEL_ALIAS": "prod",
         "DATA_SOURCE": "/data/photos",
-        "TRAINER_EPOCHS": "7",
+        "TRAINER_RESOLUTION": "256",
         "API_PORT": "9000",
         "API_MAX_BATCH_SIZE": "1",
     }
@@ -71,7 +71,7 @@ def test_contract_variables(clean_env) -> None:
     assert trainer.registry.s3_endpoint_url == "http://minio:9000"
     assert (trainer.registry.model_name, trainer.registry.model_alias) == ("dg", "prod")
     assert trainer.data_source == "/data/photos"
-    assert trainer.epochs == 7
+    assert trainer.resolution == 256
     assert (api.port, api.max_batch_size) == (9000, 1)
     assert api.registry.model_alias == "prod"
 

@@ -32,7 +32,7 @@ DARK = 150
 
 @pytest.fixture(scope="module")
 def champion(databases, s3_endpoint: str, mlflow_server: str, tmp_path_factory) -> TrainerSettings:
-    """A crafted data set, its feature set and a champion trained on it (one epoch: only its data matters here)."""
+    """A crafted data set, its feature set and a champion trained on it (only its data matters here)."""
     folder = write_crafted_folder(tmp_path_factory.mktemp("drift") / "photos", per_class=40)
     settings = TrainerSettings(
         store=ObjectStoreSettings(
@@ -49,7 +49,7 @@ def champion(databases, s3_endpoint: str, mlflow_server: str, tmp_path_factory) 
             model_name=f"dandelion-grass-{uuid.uuid4().hex[:8]}",
         ),
         data_source=str(folder),
-        **{**FAST_TRAINING, "epochs": 1, "promotion_floor": 0.0},
+        **{**FAST_TRAINING, "promotion_floor": 0.0},
     )
     asyncio.run(ingest(settings, progress=False))
     asyncio.run(build_features(settings, progress=False))

@@ -73,8 +73,7 @@ def stack(databases, s3_endpoint: str, mlflow_server: str, tmp_path_factory) -> 
         "TRAINER_DRIFT_WINDOW": str(WINDOW),
         "TRAINER_DRIFT_MIN_SAMPLES": "100",
         **{f"TRAINER_{key.upper()}": str(value) for key, value in FAST_TRAINING.items()},
-        # What is decided here does not depend on how good the models are: one epoch, any model promoted.
-        "TRAINER_EPOCHS": "1",
+        # What is decided here does not depend on how good the models are: any model is promoted.
         "TRAINER_PROMOTION_FLOOR": "0",
     }
     with pytest.MonkeyPatch.context() as patch:
