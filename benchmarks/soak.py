@@ -3,7 +3,9 @@
 Starts ``python -m services.api`` on 127.0.0.1 (model from the usual environment: ``MLFLOW_TRACKING_URI``,
 ``MODEL_NAME``, ...) or uses ``--url``; runs ``--concurrency`` workers for ``--seconds`` over
 ``/predict`` (real photos), ``/invocations`` (seed-style JSON), ``/model``, ``/health/ready`` and one
-deliberate bad request (must answer 400); samples the API's RSS every second from ``/proc``; prints errors
+deliberate bad request (must answer 400), and with ``--hostile`` the hostile probe's requests too (each must get
+its 4xx: request-sized JSON skeletons, a million zeros, random paths, an oversized feedback body, too many
+headers); samples the API's RSS every second from ``/proc``; prints errors
 (5xx, transport errors, any unexpected status), p50/p95/p99 per endpoint, and RSS: start, peak, and growth
 after a warm-up (``--warmup``, 30 s; RSS levels off within it at concurrency 32) measured robustly: the
 median RSS of the first and of the last 30 s of the steady part, and a least-squares trend in MiB per minute,
@@ -12,6 +14,7 @@ Exits 1 on any error.
 
     python -m benchmarks.soak --seconds 120 --concurrency 32
     python -m benchmarks.soak --url http://127.0.0.1:8000 --pid 12345 --seconds 60
+    python -m benchmarks.soak --hostile --seconds 120    # normal traffic mixed with the probe's requests
 
 Only 127.0.0.1 is ever contacted.
 """
@@ -45,6 +48,14 @@ DEFAULT_DATA = Path(os.environ.get("DANDELION_DATA_DIR", REPO.parent / "shared" 
 MIX = {"predict": 4, "invocations": 2, "model": 2, "ready": 1, "bad-request": 1}
 """Relative weight of each kind of request."""
 EXPECTED = {"predict": 200, "invocations": 200, "model": 200, "ready": 200, "bad-request": 400}
+HOSTILE = {"skeleton": 1, "zeros": 1, "random-path": 1, "big-feedback": 1, "many-headers": 1}
+"""With ``--hostile``: the hostile probe's requests (services/api hardening), each as often as a bad request."""
+HOSTILE_EXPECTED = {"skeleton": 400, "zeros": 400, "random-path": 404, "big-feedback": 413, "many-headers": 431}
+
+
+def hostile_bodies() -> dict[str, list[bytes]]:
+    skeletons = [b'{"inputs":[' + b",".join([b"0"] * n) + b"]" + b" " * 70_000 + b"}" for n in range(200, 208)]
+    return {"skeleton": skeletons, "zeros": [b'{"inputs":[' + b",".join([b"0"] * 1_000_000) + b"]}"]}
 
 
 def free_port() -> int:
@@ -105,7 +116,7 @@ def start_api(log: Path, timeout: float) -> Iterator[tuple[str, int]]:
 
 @dataclass
 class Results:
-    latencies: dict[str, list[float]] = field(default_factory=lambda: {kind: [] for kind in MIX})
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {kind: [] for kind in {**MIX, **HOSTILE}})
     errors: Counter[str] = field(default_factory=Counter)
     rss_kib: list[int] = field(default_factory=list)
     rss_at: list[float] = field(default_factory=list)
@@ -141,6 +152,8 @@ class Results:
         total = sum(len(v) for v in self.latencies.values())
         endpoints = {}
         for kind, values in self.latencies.items():
+            if not values and kind in HOSTILE:
+                continue
             ms = np.array(values) * 1000 if values else np.array([np.nan])
             endpoints[kind] = {
                 "requests": len(values),
@@ -173,12 +186,21 @@ def seed_bodies() -> list[bytes]:
 
 
 async def soak(
-    url: str, pid: int | None, seconds: float, concurrency: int, data: Path, warmup_s: float = 30.0
+    url: str,
+    pid: int | None,
+    seconds: float,
+    concurrency: int,
+    data: Path,
+    warmup_s: float = 30.0,
+    hostile: bool = False,
 ) -> Results:
     if urlsplit(url).hostname not in ("127.0.0.1", "localhost"):
         raise SystemExit("the soak test only talks to 127.0.0.1")
     images, bodies = photos(data), seed_bodies()
-    kinds = [kind for kind, weight in MIX.items() for _ in range(weight)]
+    probes = hostile_bodies() if hostile else {}
+    mix = {**MIX, **HOSTILE} if hostile else MIX
+    expected = {**EXPECTED, **HOSTILE_EXPECTED}
+    kinds = [kind for kind, weight in mix.items() for _ in range(weight)]
     results = Results(warmup_s=warmup_s)
     stop_at = time.monotonic() + seconds
 
@@ -193,6 +215,16 @@ async def soak(
             return await client.get("/model")
         if kind == "ready":
             return await client.get("/health/ready")
+        if kind in probes:
+            body = probes[kind][n % len(probes[kind])]
+            return await client.post("/invocations", content=body, headers={"content-type": "application/json"})
+        if kind == "random-path":
+            return await client.get(f"/static/x{n}-{random.getrandbits(32):08x}/")
+        if kind == "big-feedback":
+            body = b'{"prediction_id":"' + b"0" * 32 + b'","label":"grass","x":"' + b"a" * 8000 + b'"}'
+            return await client.post("/feedback", content=body, headers={"content-type": "application/json"})
+        if kind == "many-headers":
+            return await client.get("/health/live", headers={f"x-probe-{i}": "1" for i in range(150)})
         return await client.post("/predict", files={"file": ("notes.jpg", b"not an image", "image/jpeg")})
 
     async def worker(client: httpx.AsyncClient, index: int) -> None:
@@ -208,7 +240,7 @@ async def soak(
                 results.errors[f"{kind}: {type(exc).__name__}"] += 1
                 continue
             results.latencies[kind].append(time.perf_counter() - started)
-            if response.status_code != EXPECTED[kind]:
+            if response.status_code != expected[kind]:
                 results.errors[f"{kind}: HTTP {response.status_code}"] += 1
 
     def sample() -> None:
@@ -266,14 +298,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, default=REPO / "var" / "soak-api.log", help="the started API's log")
     parser.add_argument("--ready-timeout", type=float, default=180)
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--hostile", action="store_true", help="mix the hostile probe's requests into the traffic")
     args = parser.parse_args(argv)
 
+    def run(url: str, pid: int | None) -> Results:
+        return asyncio.run(soak(url, pid, args.seconds, args.concurrency, args.data, args.warmup, hostile=args.hostile))
+
     if args.url:
-        results = asyncio.run(soak(args.url, args.pid, args.seconds, args.concurrency, args.data, args.warmup))
+        results = run(args.url, args.pid)
     else:
         args.log.parent.mkdir(parents=True, exist_ok=True)
         with start_api(args.log, args.ready_timeout) as (url, pid):
-            results = asyncio.run(soak(url, pid, args.seconds, args.concurrency, args.data, args.warmup))
+            results = run(url, pid)
     report = results.report()
     print_report(report, args.concurrency)
     if args.json:

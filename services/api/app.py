@@ -10,17 +10,21 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
 from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import ClientDisconnect
 
 from services.api.batching import Batcher
 from services.api.drift import DriftMonitor
-from services.api.errors import ApiError, PayloadTooLarge
+from services.api.errors import ApiError
 from services.api.metrics import HTTP_LATENCY_BUCKETS, ApiMetrics
+from services.api.middleware import BodyLimitMiddleware, HeaderLimitMiddleware, HeadMiddleware, error_response
 from services.api.predlog import PredictionLog
+from services.api.ratelimit import RateLimiter
 from services.api.responses import JSONResponse
-from services.api.routes import feedback, health, invocations, model, page, predict
+from services.api.routes import docs, feedback, health, invocations, model, page, predict
 from services.api.runtime import LoadedModel, MlflowSource, ModelRuntime, ModelSource
 from services.api.service import Classifier
 from services.api.settings import ApiSettings
@@ -30,6 +34,8 @@ log = logging.getLogger(__name__)
 
 UNMETERED = ["/metrics", "/health/live", "/health/ready", "/ping", "/health"]
 HTTP_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a client that hung up before the answer: counted as a client error, never as 5xx."""
 
 
 def create_app(settings: ApiSettings | None = None, source: ModelSource | None = None) -> FastAPI:
@@ -86,8 +92,15 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
         "`/predict` takes image files; `/invocations` speaks MLflow's scoring protocol.",
         lifespan=lifespan,
         default_response_class=JSONResponse,
+        # No trailing-slash redirects: they echoed the Host header and minted a metric series per random path.
+        redirect_slashes=False,
+        docs_url=None,  # served from local assets with security headers (routes/docs.py)
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
     app.state.settings = settings
+    open_feedback = settings.feedback_token is None and settings.feedback_rate_per_minute > 0
+    app.state.feedback_limiter = RateLimiter(settings.feedback_rate_per_minute) if open_feedback else None
     app.state.metrics = metrics
     app.state.shutting_down = False
     app.state.predlog = None
@@ -95,14 +108,26 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
 
     for router in (predict.router, invocations.router, feedback.router, model.router, health.router, page.router):
         app.include_router(router)
+    if settings.docs:
+        app.include_router(docs.router)
 
     _install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_body_bytes,
+        per_path={"/feedback": settings.feedback_max_body_bytes},
+        read_timeout_s=settings.body_read_timeout_s,
+    )
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"], allow_headers=["*"]
         )
-    Instrumentator(excluded_handlers=UNMETERED, registry=metrics.registry).instrument(
+    if settings.allowed_hosts != ["*"]:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts, www_redirect=False)
+    app.add_middleware(HeaderLimitMiddleware, max_count=settings.max_header_count, max_bytes=settings.max_header_bytes)
+    app.add_middleware(HeadMiddleware)
+    # Only routes are metered, by their template: a random path must not become a new series.
+    Instrumentator(excluded_handlers=UNMETERED, registry=metrics.registry, should_ignore_untemplated=True).instrument(
         app, latency_lowr_buckets=HTTP_LATENCY_BUCKETS
     ).expose(app, include_in_schema=False)
     return app
@@ -117,10 +142,13 @@ def _report_stopped(task: asyncio.Task) -> None:
 def _prediction_log(settings: ApiSettings, metrics: ApiMetrics) -> PredictionLog | None:
     if not settings.prediction_log:
         return None
-    if settings.store_uploads and settings.feedback_token is None:
+    if settings.feedback_token is None:
         log.warning(
-            "uploads are kept and POST /feedback takes labels from anyone: whatever they label goes into the "
-            "training split of the next run; set API_FEEDBACK_TOKEN unless only trusted clients reach the API"
+            "POST /feedback is open (API_FEEDBACK_TOKEN is unset): anyone who reaches the API can label "
+            "predictions, which moves model_live_accuracy and can fire LiveAccuracyLow%s; %s per client a "
+            "minute. Set API_FEEDBACK_TOKEN unless only trusted clients reach the API",
+            ", and (uploads are kept) adds training photos" if settings.store_uploads else "",
+            f"limited to {settings.feedback_rate_per_minute:g}" if settings.feedback_rate_per_minute else "not limited",
         )
     return PredictionLog(
         settings.database,
@@ -134,62 +162,31 @@ def _prediction_log(settings: ApiSettings, metrics: ApiMetrics) -> PredictionLog
     )
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error_code": code, "message": message}, status_code=status)
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code)
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Only where and what, never the offending input itself.
         problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors()[:5])
-        return _error(400, "BAD_REQUEST", problems or "invalid request")
+        return error_response(400, "BAD_REQUEST", problems or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
-        return _error(exc.status_code, HTTP_CODES.get(exc.status_code, f"HTTP_{exc.status_code}"), message[:300])
+        code = HTTP_CODES.get(exc.status_code, f"HTTP_{exc.status_code}")
+        return error_response(exc.status_code, code, message[:300], headers=exc.headers)  # e.g. 405's Allow
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        # Nobody reads this answer; it is counted (and logged once, briefly) as the client's doing.
+        log.info("%s %s: the client hung up before its request was read (%d)", request.method,
+                 request.url.path, CLIENT_CLOSED_REQUEST)  # fmt: skip
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _error(500, "INTERNAL_ERROR", "internal error; it has been logged")
-
-
-class BodyLimitMiddleware:
-    """Refuses request bodies over ``limit`` bytes, declared or streamed, before anything buffers them."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self._refuse(send)
-                return
-        received = 0
-        limit = self.limit
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    async def _refuse(self, send: Send) -> None:
-        response = _error(413, "PAYLOAD_TOO_LARGE", f"the request body is over the limit of {self.limit} bytes")
-        await send({"type": "http.response.start", "status": 413, "headers": response.raw_headers})
-        await send({"type": "http.response.body", "body": response.body})
+        return error_response(500, "INTERNAL_ERROR", "internal error; it has been logged")

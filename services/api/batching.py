@@ -74,7 +74,7 @@ class Batcher:
         return await future
 
     def _not_ready_message(self) -> str:
-        detail = f" (last error: {self.runtime.last_error})" if self.runtime.last_error else ""
+        detail = f" (last error: {self.runtime.last_error_kind})" if self.runtime.last_error_kind else ""
         return f"no model is loaded yet{detail}"
 
     async def _run(self) -> None:

@@ -27,6 +27,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": GRACE_S,
         "access_log": False,
+        "limit_concurrency": settings.limit_concurrency,
+        "timeout_keep_alive": settings.timeout_keep_alive_s,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        # Forwarded headers are believed only from the proxies named: otherwise any client could pose as any
+        # address (and dodge the per-client feedback limit).
+        "proxy_headers": settings.forwarded_allow_ips is not None,
+        "forwarded_allow_ips": settings.forwarded_allow_ips or "",
+        "server_header": False,
     }
     if args.workers > 1:
         # Each worker process builds its own app (and loads its own model).

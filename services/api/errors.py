@@ -5,10 +5,14 @@ Messages never contain the request payload.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class ApiError(Exception):
     status_code = 500
     error_code = "INTERNAL_ERROR"
+    headers: dict[str, str] | None = None
+    """Response headers the status needs (``WWW-Authenticate`` for 401, ``Retry-After`` for 429)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -55,6 +59,21 @@ class Timeout(ApiError):
 class Unauthorized(ApiError):
     status_code = 401
     error_code = "UNAUTHENTICATED"
+    headers: ClassVar[dict[str, str]] = {"WWW-Authenticate": 'Bearer realm="feedback"'}
+
+
+class RequestTimeout(ApiError):
+    status_code = 408
+    error_code = "REQUEST_TIMEOUT"
+
+
+class TooManyRequests(ApiError):
+    status_code = 429
+    error_code = "TOO_MANY_REQUESTS"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, retry_after_s))}
 
 
 class NotFound(ApiError):

@@ -51,9 +51,7 @@ def parse_body(body: bytes, max_instances: int) -> np.ndarray:
     """A JSON body -> float32 ``(n, 224, 224, 3)``; raises :class:`BadRequest` with a short reason."""
     if not body:
         raise BadRequest("the request body is empty")
-    if len(body) > 65536 and (array := fast_tensor(body)) is not None:
-        if array.shape[0] > max_instances:
-            raise PayloadTooLarge(f"at most {max_instances} images per request; received {array.shape[0]}")
+    if len(body) > 65536 and (array := fast_tensor(body, max_instances)) is not None:
         return array
     try:
         payload = orjson.loads(body)
@@ -76,31 +74,52 @@ def parse_body(body: bytes, max_instances: int) -> np.ndarray:
     else:
         array = _dataframe_records(value)
     if array.shape[0] > max_instances:
-        raise PayloadTooLarge(f"at most {max_instances} images per request; received {array.shape[0]}")
+        raise _too_many(array.shape[0], max_instances)
     return array
+
+
+def _too_many(n: int, max_instances: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"at most {max_instances} images per request; received {n}")
 
 
 NUMBER_CHARACTERS = b"0123456789.eE+- \t\r\n"
 """Deleted from a body to leave its skeleton: brackets, commas, braces, keys (and anything that is no number)."""
 
 
-@lru_cache(maxsize=8)
-def _skeleton(key: str, n: int) -> bytes:
-    """How ``{"key": [n images of 224 x 224 pixels of 3 numbers]`` starts once its numbers are deleted."""
-    pixel = b"[,,]"
-    row = b"[" + b",".join([pixel] * MODEL_SIZE) + b"]"
-    image = b"[" + b",".join([row] * MODEL_SIZE) + b"]"
-    return f'{{"{key}":'.encode().translate(None, NUMBER_CHARACTERS) + b"[" + b",".join([image] * n) + b"]"
+@lru_cache(maxsize=1)
+def _image_skeleton() -> bytes:
+    """One 224 x 224 x 3 image once its numbers are deleted (~250 KB, built once: its size is the model's,
+    never the request's)."""
+    row = b"[" + b",".join([b"[,,]"] * MODEL_SIZE) + b"]"
+    return b"[" + b",".join([row] * MODEL_SIZE) + b"]"
 
 
-def fast_tensor(body: bytes) -> np.ndarray | None:
+def _has_image_skeleton(stripped: bytes, key: str, n: int) -> bool:
+    """Whether ``stripped`` (a body without its numbers) starts ``{"key":[image,image,...]`` with ``n`` images,
+    checked in place, image by image: nothing the size of ``n`` is ever built."""
+    image = _image_skeleton()
+    position = len(opening := f'{{"{key}":['.encode().translate(None, NUMBER_CHARACTERS))
+    if not stripped.startswith(opening):
+        return False
+    for i in range(n):
+        if not stripped.startswith(image, position):
+            return False
+        position += len(image)
+        if not stripped.startswith(b"," if i < n - 1 else b"]", position):
+            return False
+        position += 1
+    return True
+
+
+def fast_tensor(body: bytes, max_instances: int) -> np.ndarray | None:
     """``{"inputs"|"instances": n x 224 x 224 x 3 numbers, ...}`` as float32, or None to take the general path.
 
     Returns an array only when the general path would return the same one: valid JSON (simdjson validates
     as strictly as orjson), the tensor key first and alone among the formats, no duplicate keys, exactly
     the nesting of n images with a number in every place (checked on the skeleton: what is left once
     digits, signs, points, exponents and whitespace are deleted), numbers that fit a float32 and whose
-    rounding cannot depend on the path (integers of at most 2**53).
+    rounding cannot depend on the path (integers of at most 2**53). A list of more than ``max_instances``
+    entries is left to the general path at once, before anything is sized by their number.
     """
     try:
         document = simdjson.Parser().parse(body)
@@ -117,8 +136,9 @@ def fast_tensor(body: bytes) -> np.ndarray | None:
     if not isinstance(value, simdjson.Array) or len(value) == 0:
         return None
     n = len(value)
-    skeleton = _skeleton(key, n)
-    if not body.translate(None, NUMBER_CHARACTERS).startswith(skeleton):
+    if n > max_instances:
+        return None  # not n images, or too many: either way nothing is sized by n here; the general path says which
+    if not _has_image_skeleton(body.translate(None, NUMBER_CHARACTERS), key, n):
         return None
     try:
         numbers = np.frombuffer(value.as_buffer(of_type="d"), dtype=np.float64)

@@ -187,6 +187,10 @@ class MlflowSource:
 
         return MlflowClient(self.settings.tracking_uri, self.settings.tracking_uri)
 
+    def describe(self) -> str:
+        s = self.settings
+        return f"the registry at {s.tracking_uri}, asked for {s.model_name}@{s.model_alias},"
+
     def resolve(self) -> tuple[str, str]:
         if self.rest is not None:
             return self.rest.resolve()
@@ -352,6 +356,21 @@ def compile_forward(keras_model) -> Callable[[np.ndarray], np.ndarray]:
     return forward
 
 
+NOT_REGISTERED_MARKERS = ("RESOURCE_DOES_NOT_EXIST", "not found", "NOT_FOUND", "does not exist")
+
+
+def failure_kind(exc: BaseException) -> str:
+    """What went wrong, as a category safe to show anyone (the details, which can name hosts and paths, are
+    logged): ``no_model_registered``, ``registry_unreachable`` or ``load_failed``."""
+    text = f"{type(exc).__name__}: {exc}"
+    if any(marker in text for marker in NOT_REGISTERED_MARKERS):
+        return "no_model_registered"
+    unreachable = ("did not answer", "ConnectError", "ConnectionError", "Timeout", "Max retries", "Connection refused")
+    if isinstance(exc, (ConnectionError, TimeoutError)) or any(marker in text for marker in unreachable):
+        return "registry_unreachable"
+    return "load_failed"
+
+
 class ModelRuntime:
     """Keeps a model loaded: first load with backoff (live but not ready until then), then polling."""
 
@@ -370,6 +389,9 @@ class ModelRuntime:
         self.retry_max_s = retry_max_s
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
+        """The last refresh failure in full: for the log and the operator, never for a client."""
+        self.last_error_kind: str | None = None
+        """Its category (:func:`failure_kind`): what probes and error messages may show."""
         self.on_swap: list[Callable[[LoadedModel], None]] = []
         """Called (on the event loop) with each model swapped in, the first one included."""
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-loader")
@@ -391,9 +413,10 @@ class ModelRuntime:
                 except Exception as exc:
                     self.metrics.load_failures.inc()
                     self.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                    self.last_error_kind = failure_kind(exc)
                     log.warning(
                         "model refresh failed (%s); %s",
-                        self.last_error,
+                        self._explain(exc),
                         "keeping the current model" if self.current else f"retrying in {delay:.1f} s",
                     )
                     if self.current is None:
@@ -406,6 +429,12 @@ class ModelRuntime:
         finally:
             self._loader.shutdown(wait=False, cancel_futures=True)
 
+    def _explain(self, exc: BaseException) -> str:
+        """The failure for the log, with what was asked of whom when the answer is "no such model"."""
+        if self.last_error_kind == "no_model_registered" and (where := getattr(self.source, "describe", None)):
+            return f"{where()} has no such model: the trainer has not registered one there yet ({self.last_error})"
+        return self.last_error or f"{type(exc).__name__}"
+
     async def refresh(self) -> bool:
         """Load the alias's version if it is not the one being served; True when a new model was swapped in."""
         loop = asyncio.get_running_loop()
@@ -415,7 +444,7 @@ class ModelRuntime:
         log.info("loading model version %s (run %s)", version, run_id)
         model = await loop.run_in_executor(self._loader, self.source.load, version, run_id)
         previous, self.current = self.current, model
-        self.last_error = None
+        self.last_error = self.last_error_kind = None
         self.metrics.model_loaded(model.name, model.version, model.alias, model.run_id)
         for callback in self.on_swap:
             callback(model)

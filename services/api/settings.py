@@ -59,6 +59,23 @@ class ApiSettings(BaseSettings):
 
     cors_origins: list[str] = []
     """Origins allowed to call the API from a browser; empty (the default) means none."""
+    allowed_hosts: list[str] = ["*"]
+    """Host headers answered (e.g. ``["dandelion.example.org"]``); others get 400. ``*`` answers any: the API
+    builds no URL from the Host header, so the default is safe behind an ingress that checks it."""
+    forwarded_allow_ips: str | None = None
+    """Proxies whose ``X-Forwarded-For``/``-Proto`` are believed (uvicorn's ``--forwarded-allow-ips``, e.g. the
+    ingress's address). Unset: forwarded headers are ignored and the client is the TCP peer."""
+    docs: bool = True
+    """Serve the OpenAPI page at ``/docs`` (from local assets) and the schema at ``/openapi.json``."""
+    limit_concurrency: int = 512
+    """Connections and requests handled at once; beyond it uvicorn answers 503 at once."""
+    timeout_keep_alive_s: float = 5.0
+    """An idle keep-alive connection is closed after this."""
+    body_read_timeout_s: float = 30.0
+    """A request body that has not fully arrived after this answers 408 (slow-body clients hold no worker)."""
+    max_header_count: int = 100
+    max_header_bytes: int = 16 * 1024
+    """Requests with more headers, or more bytes of them, answer 431."""
 
     prediction_log: bool = True
     """Record every prediction in the ``predictions`` table (in the background; see services/api/predlog.py)."""
@@ -82,7 +99,12 @@ class ApiSettings(BaseSettings):
     """A prediction below this confidence counts as low-confidence."""
     feedback_token: SecretStr | None = None
     """When set, ``POST /feedback`` needs ``Authorization: Bearer <token>``: feedback becomes training data.
-    At least 16 characters, and not a template's placeholder; empty means unset."""
+    At least 16 characters, and not a template's placeholder; empty means unset: feedback is then open to
+    anyone who reaches the API (the upload page's buttons use it), which the API warns about at start."""
+    feedback_rate_per_minute: float = Field(30.0, ge=0)
+    """Open feedback only: labels accepted per client address and minute (bursts of as many); 0 = no limit."""
+    feedback_max_body_bytes: int = 4096
+    """Largest ``POST /feedback`` body (a real one is under 100 bytes)."""
 
     @field_validator("feedback_token")
     @classmethod

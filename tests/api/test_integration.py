@@ -238,6 +238,7 @@ def test_registry_down_at_start_then_back(champion_registry, mlflow_server: str)
             assert time.monotonic() < deadline, "no load attempt failed within 60 s"
             time.sleep(0.2)
         assert not_ready.status_code == 503
+        assert not_ready.json()["last_error"] == "registry_unreachable", not_ready.json()  # no host or port
         assert metric(httpx.get(f"{url}/metrics").text, "model_load_failures_total") >= 1
         proxy.start()
         try:

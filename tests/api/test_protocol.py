@@ -82,7 +82,7 @@ TRICKY = {
 
 def general(body: bytes, monkeypatch: pytest.MonkeyPatch) -> np.ndarray | tuple[type, str]:
     with monkeypatch.context() as patched:
-        patched.setattr(protocol, "fast_tensor", lambda body: None)
+        patched.setattr(protocol, "fast_tensor", lambda body, max_instances: None)
         return outcome(body)
 
 
@@ -99,7 +99,7 @@ def test_accepted_bodies_take_the_fast_path_and_give_the_same_array(name: str, m
     assert len(body) > 65536
     expected = general(body, monkeypatch)
     assert isinstance(expected, np.ndarray), expected
-    fast = protocol.fast_tensor(body)
+    fast = protocol.fast_tensor(body, 64)
     if name not in ("params first", "large but finite"):  # those are correct, but the general path's
         assert fast is not None, "the fast path gave up on a common body"
     got = protocol.parse_body(body, max_instances=8)
@@ -119,4 +119,36 @@ def test_odd_bodies_get_the_general_paths_answer(name: str, monkeypatch) -> None
 
 
 def test_the_fast_path_is_exact_for_float32_values() -> None:
-    np.testing.assert_array_equal(protocol.fast_tensor(numpy_json({"inputs": IMAGES})), IMAGES)
+    np.testing.assert_array_equal(protocol.fast_tensor(numpy_json({"inputs": IMAGES}), 64), IMAGES)
+
+
+def _flat_zeros(n: int, padding: int = 70_000) -> bytes:
+    """``{"inputs":[0,0,...]}`` padded with spaces past the fast path's threshold (the probe's request)."""
+    return b'{"inputs":[' + b",".join([b"0"] * n) + b"]" + b" " * padding + b"}"
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        (_flat_zeros(200), 400),  # the probe's request: once +49 MB, kept in a cache
+        (_flat_zeros(8), 400),  # few enough entries: the skeleton check fails in place
+        (_flat_zeros(33_000, padding=0), 400),  # 66 KB that once asked for ~8 GB
+        (_flat_zeros(1_000_000, padding=0), 400),  # once a 500 MemoryError
+    ],
+)
+def test_no_request_sized_allocation_before_the_limits(body: bytes, status: int) -> None:
+    """Memory used while refusing a body stays a small multiple of the body: nothing is sized by the number of
+    entries it claims, and nothing request-sized is cached (hostile-probe finding #1)."""
+    import tracemalloc
+
+    protocol._image_skeleton()  # the one fixed-size skeleton, the model's size, built once per process
+    tracemalloc.start()
+    try:
+        with pytest.raises(ApiError) as refused:
+            protocol.parse_body(body, max_instances=8)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.status_code == status, str(refused.value)
+    assert peak < 16 * len(body) + 1_000_000, f"{peak / 1e6:.1f} MB allocated for a {len(body) / 1e3:.0f} KB body"
+    assert protocol._image_skeleton.cache_info().currsize == 1

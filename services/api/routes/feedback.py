@@ -8,12 +8,12 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from services.api.deps import RuntimeDep, SettingsDep
-from services.api.errors import BadRequest, Conflict, NotFound, Unauthorized, Unavailable
+from services.api.errors import BadRequest, Conflict, NotFound, TooManyRequests, Unauthorized, Unavailable
 from services.api.responses import JSONResponse
 from shared.labels import LABELS
 from shared.tables import FeedbackRow, PredictionRow
@@ -29,9 +29,10 @@ class Feedback(BaseModel):
     prediction_id: str = Field(description="The `id` of a `/predict` answer (or one of `/invocations`' ids).")
     label: str = Field(description="The true label: `dandelion` or `grass`.")
 
-    model_config = {
-        "json_schema_extra": {"examples": [{"prediction_id": "0f8e1c2a9b7d4e6f8a1b2c3d4e5f6a7b", "label": "grass"}]}
-    }
+    model_config = ConfigDict(
+        extra="forbid",  # nothing else is read: an unknown field is a mistake or a probe
+        json_schema_extra={"examples": [{"prediction_id": "0f8e1c2a9b7d4e6f8a1b2c3d4e5f6a7b", "label": "grass"}]},
+    )
 
 
 RESPONSES = {
@@ -39,6 +40,8 @@ RESPONSES = {
     201: {"description": "Recorded"},
     400: {"description": "Malformed id, unknown label or invalid body"},
     401: {"description": "`API_FEEDBACK_TOKEN` is set and the bearer token is missing or wrong"},
+    413: {"description": "The body is over `API_FEEDBACK_MAX_BODY_BYTES` (4 KiB)"},
+    429: {"description": "Open feedback (no token): this client sent more than `API_FEEDBACK_RATE_PER_MINUTE`"},
     404: {"description": "No prediction with this id (or it was dropped from the log under overload or an outage)"},
     409: {"description": "A different label was already recorded for this prediction"},
     503: {"description": "The prediction log is off or its database is unavailable"},
@@ -58,6 +61,14 @@ async def feedback(
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), given.strip().encode()):
             raise Unauthorized("feedback needs 'Authorization: Bearer <API_FEEDBACK_TOKEN>'")
+    elif (limiter := request.app.state.feedback_limiter) is not None:
+        client = request.client.host if request.client else "unknown"
+        if wait := limiter.take(client):
+            raise TooManyRequests(
+                f"open feedback takes {settings.feedback_rate_per_minute:g} labels a minute per client; "
+                f"try again in {wait:.0f} s",
+                int(wait + 1),
+            )
     if not PREDICTION_ID.fullmatch(body.prediction_id):
         raise BadRequest("prediction_id must be the 32 hexadecimal characters of a prediction's id")
     known = runtime.current.labels if runtime.current else LABELS

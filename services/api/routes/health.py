@@ -28,8 +28,9 @@ async def ready(request: Request, runtime: RuntimeDep) -> JSONResponse:
     model = runtime.current
     if model is None or request.app.state.shutting_down:
         reason = "shutting down" if request.app.state.shutting_down else "no model loaded"
+        # A category only: the error itself can name hosts and paths (it is in the log).
         return JSONResponse(
-            {"status": "not ready", "reason": reason, "last_error": runtime.last_error}, status_code=503
+            {"status": "not ready", "reason": reason, "last_error": runtime.last_error_kind}, status_code=503
         )
     return JSONResponse({"status": "ready", "model": {"name": model.name, "version": model.version}})
 

@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from services.api.deps import ClassifierDep, SettingsDep
 from services.api.errors import PayloadTooLarge
+from services.api.middleware import human_bytes
 from services.api.protocol import check_content_type
 
 router = APIRouter(tags=["mlflow"])
@@ -29,7 +30,8 @@ OPENAPI = {
                         "params": {"type": "object"},
                     },
                 },
-                "example": {"inputs": [[[[0.2, 0.5, 0.1]] * 224] * 224]},
+                # Real requests carry 224 x 224 pixels per image; a whole one would make the schema 700 KB.
+                "example": {"inputs": [[[[0.2, 0.5, 0.1], [0.3, 0.6, 0.1]], [[0.2, 0.4, 0.1], [0.9, 0.8, 0.2]]]]},
             }
         },
     },
@@ -50,12 +52,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The body, refusing it as soon as it passes ``limit`` bytes (declared or streamed)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+        raise PayloadTooLarge(f"the body is over the limit of {human_bytes(limit)}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {limit} bytes")
+            raise PayloadTooLarge(f"the body is over the limit of {human_bytes(limit)}")
         chunks.append(chunk)
     return b"".join(chunks)
 

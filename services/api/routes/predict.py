@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -10,10 +11,29 @@ from starlette.datastructures import UploadFile
 
 from services.api.deps import ClassifierDep, SettingsDep
 from services.api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from services.api.middleware import human_bytes
 from services.api.responses import JSONResponse
 from services.api.service import Upload
 
 router = APIRouter(tags=["predict"])
+
+MAX_FILENAME = 100
+UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
+"""Control characters, zero-width characters and bidirectional overrides: nothing a file name needs."""
+
+
+def safe_filename(name: str | None) -> str | None:
+    """The upload's base name as it may be echoed back: no folders, no control or direction characters,
+    at most 100 characters (the page renders it as text only, but other clients may not)."""
+    if not name:
+        return None
+    base = UNPRINTABLE.sub("", name.replace("\\", "/").rsplit("/", 1)[-1]).strip()
+    if len(base) > MAX_FILENAME:
+        _, dot, ext = base.rpartition(".")
+        keep = ext if dot and len(ext) <= 10 else ""
+        base = base[: MAX_FILENAME - len(keep) - 2] + "…" + (f".{keep}" if keep else "")
+    return base or None
+
 
 EXAMPLE = {
     "id": "0f8e1c2a9b7d4e6f8a1b2c3d4e5f6a7b",
@@ -73,9 +93,9 @@ async def predict(request: Request, classifier: ClassifierDep, settings: Setting
             if not isinstance(part, UploadFile):
                 raise BadRequest("'file' must be a file upload, not a text field")
             if part.size is not None and part.size > settings.max_upload_bytes:
-                limit = settings.max_upload_bytes
-                raise PayloadTooLarge(f"{part.filename or 'a file'} is over the limit of {limit} bytes")
-            uploads.append(Upload(part.filename, await part.read()))
+                name = safe_filename(part.filename) or "a file"
+                raise PayloadTooLarge(f"{name} is over the limit of {human_bytes(settings.max_upload_bytes)}")
+            uploads.append(Upload(safe_filename(part.filename), await part.read()))
     finally:
         await form.close()
     answers = await classifier.classify(uploads, started)

@@ -277,6 +277,8 @@
       box.textContent = "This photo already has an answer.";
     } else if (status === 401) {
       box.textContent = "This server only takes feedback from authorised clients.";
+    } else if (status === 429) {
+      box.textContent = "Too many answers from this address for now; try again in a minute.";
     } else {
       box.textContent = "Feedback could not be recorded right now.";
     }
