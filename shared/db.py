@@ -35,10 +35,35 @@ async def create_tables(engine: AsyncEngine, attempts: int = 3) -> None:
         try:
             async with engine.begin() as conn:
                 await conn.run_sync(Base.metadata.create_all)
+                await conn.run_sync(_add_missing_columns)
             return
         except (OperationalError, ProgrammingError) as exc:
             if "already exists" not in str(exc) or attempt == attempts - 1:
                 raise
+
+
+def _add_missing_columns(conn) -> None:
+    """Columns added to a table after it was created (all nullable), added to a database that lacks them.
+
+    ``create_all`` makes missing tables only; a database created by an earlier version keeps its old tables.
+    New columns are always nullable, so an ``ALTER TABLE ... ADD COLUMN`` is all an upgrade needs (the only
+    migration this schema has needed; anything more would call for Alembic).
+    """
+    from sqlalchemy import inspect
+    from sqlalchemy.schema import CreateColumn
+
+    inspector = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
+            continue
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise DatabaseError(f"table {table.name} lacks the required column {column.name}: migrate it by hand")
+            definition = CreateColumn(column).compile(dialect=conn.dialect)
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {definition}")
 
 
 @asynccontextmanager

@@ -53,19 +53,43 @@ class Prepared:
     """The file's format as Pillow names it (``JPEG``, ``PNG``, ...)."""
 
 
-def prepare(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, size: int = MODEL_SIZE) -> Prepared:
-    """Decode once; the model's input and the descriptors come from the same resized image.
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """An image file decoded and resized once: the model's input now, its descriptors whenever needed."""
 
-    The feature store (trainer) and the prediction log (API) both call this, so a photo's descriptors are
-    the same numbers whether it was learnt from or classified. Raises :class:`shared.images.ImageError`.
-    """
+    array: np.ndarray
+    """float32 ``(size, size, 3)`` in [0, 1], exactly :func:`shared.images.preprocess`'s output."""
+    image: Image.Image
+    """The same resized RGB image, 8-bit: what :func:`describe` reads."""
+    width: int
+    height: int
+    format: str
+
+    def describe(self) -> dict[str, float]:
+        return describe(self.image, self.width, self.height, self.image.size[0])
+
+
+def load(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, size: int = MODEL_SIZE) -> Loaded:
+    """Decode once into the model's input, keeping the resized image for :meth:`Loaded.describe` (the API
+    describes after it has answered: the descriptors cost more than the decode). Raises ``ImageError``."""
     decoded = decode(data, limits, draft_size=size)
     img = decoded.image
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     array = np.asarray(img, dtype=np.float32)
     array *= 1.0 / 255.0
-    return Prepared(array, describe(img, decoded.width, decoded.height, size), decoded.format)
+    return Loaded(array, img, decoded.width, decoded.height, decoded.format)
+
+
+def prepare(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, size: int = MODEL_SIZE) -> Prepared:
+    """Decode once; the model's input and the descriptors come from the same resized image.
+
+    The feature store (trainer) and the prediction log (API, through :func:`load`) use the same code, so a
+    photo's descriptors are the same numbers whether it was learnt from or classified. Raises
+    :class:`shared.images.ImageError`.
+    """
+    loaded = load(data, limits, size)
+    return Prepared(loaded.array, loaded.describe(), loaded.format)
 
 
 def describe_array(array: np.ndarray) -> dict[str, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -73,6 +73,10 @@ class PredictionRow(Base):
     image_sha256: Mapped[str | None] = mapped_column(String(64))
     image_key: Mapped[str | None] = mapped_column(String(255))
     """Object key of the uploaded file when ``API_STORE_UPLOADS`` is on; NULL otherwise."""
+    domain_distance: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """In-domain distance of the input (``services.trainer.indomain``); NULL for models without the score."""
+    in_domain: Mapped[bool | None] = mapped_column(Boolean, nullable=True)
+    """False when the distance was above the answering version's threshold: "neither dandelion nor grass"."""
     width: Mapped[float] = mapped_column(Float)
     height: Mapped[float] = mapped_column(Float)
     rgb_r_mean: Mapped[float] = mapped_column(Float)

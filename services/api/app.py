@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,14 +24,18 @@ from services.api.metrics import HTTP_LATENCY_BUCKETS, ApiMetrics
 from services.api.middleware import BodyLimitMiddleware, HeaderLimitMiddleware, HeadMiddleware, error_response
 from services.api.predlog import PredictionLog
 from services.api.ratelimit import RateLimiter
+from services.api.registry import MlflowSource
 from services.api.responses import JSONResponse
 from services.api.routes import docs, feedback, health, invocations, model, page, predict
-from services.api.runtime import LoadedModel, MlflowSource, ModelRuntime, ModelSource
+from services.api.runtime import LoadedModel, ModelRuntime, ModelSource
 from services.api.service import Classifier
 from services.api.settings import ApiSettings
 from shared.images import ImageLimits
 
 log = logging.getLogger(__name__)
+
+PREDICTION_LOG_STOP_S = 3.0
+"""At shutdown, how long the prediction log may take to write what it holds before it is cancelled."""
 
 UNMETERED = ["/metrics", "/health/live", "/health/ready", "/ping", "/health"]
 HTTP_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
@@ -67,7 +72,14 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
         app.state.runtime = runtime
         app.state.predlog = predlog
         app.state.classifier = Classifier(
-            batcher, metrics, limits, settings.max_instances, settings.request_timeout_s, drift=drift, predlog=predlog
+            batcher,
+            metrics,
+            limits,
+            settings.max_instances,
+            settings.request_timeout_s,
+            drift=drift,
+            predlog=predlog,
+            low_confidence=settings.low_confidence_threshold,
         )
         batcher.start()
         tasks = [asyncio.create_task(runtime.run(), name="model-runtime")]
@@ -80,7 +92,11 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
             app.state.shutting_down = True
             metrics.ready.set(0)
             await batcher.stop()
-            for task in tasks:  # the prediction log writes what it holds before it stops
+            await app.state.classifier.drain()  # observations still being described reach the log's last flush
+            if predlog is not None:  # the log writes what it holds; cancelled (and flushed once more) if it hangs
+                predlog.stop()
+                await asyncio.wait(tasks[1:], timeout=PREDICTION_LOG_STOP_S)
+            for task in tasks:
                 task.cancel()
                 with contextlib.suppress(Exception, asyncio.CancelledError):  # a crash was reported when it happened
                     await task
@@ -150,6 +166,9 @@ def _prediction_log(settings: ApiSettings, metrics: ApiMetrics) -> PredictionLog
             ", and (uploads are kept) adds training photos" if settings.store_uploads else "",
             f"limited to {settings.feedback_rate_per_minute:g}" if settings.feedback_rate_per_minute else "not limited",
         )
+    url = settings.database.url.get_secret_value()
+    if url.startswith("sqlite") and ":///" in url and ":memory:" not in url:  # say where, in case it is not meant
+        log.info("prediction log: %s", Path(url.split(":///", 1)[1].split("?", 1)[0]).resolve())
     return PredictionLog(
         settings.database,
         metrics,

@@ -1,4 +1,4 @@
-"""``python -m services.api [--host H] [--port P] [--workers N]``: run the API under uvicorn."""
+"""python -m services.api [--host H] [--port P] [--workers N]: run the API under uvicorn."""
 
 from __future__ import annotations
 
@@ -14,10 +14,18 @@ from services.api.settings import ApiSettings
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = ApiSettings()
-    parser = argparse.ArgumentParser(prog="python -m services.api", description=__doc__)
-    parser.add_argument("--host", default=settings.host)
-    parser.add_argument("--port", type=int, default=settings.port)
-    parser.add_argument("--workers", type=int, default=settings.workers)
+    parser = argparse.ArgumentParser(
+        prog="python -m services.api",
+        description="Serve the model behind the registry alias (MODEL_NAME@MODEL_ALIAS at MLFLOW_TRACKING_URI): "
+        "the upload page at /, POST /predict, POST /invocations, /metrics, /docs. Every other setting is an "
+        "API_* environment variable (see the README).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--host", default=settings.host, help="address to listen on (API_HOST)")
+    parser.add_argument("--port", type=int, default=settings.port, help="port to listen on (API_PORT)")
+    parser.add_argument(
+        "--workers", type=int, default=settings.workers, help="processes, each with its own model (API_WORKERS)"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -36,6 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "forwarded_allow_ips": settings.forwarded_allow_ips or "",
         "server_header": False,
     }
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    shown = f"[{shown}]" if ":" in shown else shown
+    logging.getLogger("services.api").info(
+        "open http://%s:%d/ for the upload page, /docs for the API (ready once a model is loaded: /health/ready)",
+        shown,
+        args.port,
+    )
     if args.workers > 1:
         # Each worker process builds its own app (and loads its own model).
         uvicorn.run("services.api.app:create_app", factory=True, workers=args.workers, **options)

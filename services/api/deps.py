@@ -11,15 +11,16 @@ from services.api.service import Classifier
 from services.api.settings import ApiSettings
 
 
-def _classifier(request: Request) -> Classifier:
+# async: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop per dependency per request.
+async def _classifier(request: Request) -> Classifier:
     return request.app.state.classifier
 
 
-def _runtime(request: Request) -> ModelRuntime:
+async def _runtime(request: Request) -> ModelRuntime:
     return request.app.state.runtime
 
 
-def _settings(request: Request) -> ApiSettings:
+async def _settings(request: Request) -> ApiSettings:
     return request.app.state.settings
 
 

@@ -30,6 +30,8 @@ class DriftMonitor(Collector):
         self.low_confidence = low_confidence
         self._rows = np.zeros((window, len(DESCRIPTOR_COLUMNS)), np.float64)
         self._confidence = np.zeros(window, np.float64)
+        self._outside = np.full(window, np.nan)
+        """1.0 out of domain, 0.0 in, NaN when the model that answered has no in-domain score."""
         self._count = 0
         self._lock = threading.Lock()
         self.reference: Reference | None = None
@@ -49,13 +51,21 @@ class DriftMonitor(Collector):
         else:
             self.reference_source = self.reference.source
 
-    def observe(self, descriptors: Mapping[str, float], confidence: float) -> None:
+    def observe(self, descriptors: Mapping[str, float], confidence: float, in_domain: bool | None = None) -> None:
         row = [descriptors[name] for name in DESCRIPTOR_COLUMNS]
         with self._lock:
             slot = self._count % self.window
             self._rows[slot] = row
             self._confidence[slot] = confidence
+            self._outside[slot] = np.nan if in_domain is None else float(not in_domain)
             self._count += 1
+
+    def out_of_domain_share(self) -> tuple[float, int]:
+        """Share of the window's scored inputs that were out of domain, and how many were scored."""
+        with self._lock:
+            outside = self._outside[: min(self._count, self.window)]
+            scored = outside[~np.isnan(outside)]
+        return (float(scored.mean()) if len(scored) else float("nan")), len(scored)
 
     def snapshot(self) -> tuple[np.ndarray, np.ndarray]:
         """The window's descriptor rows and confidences (oldest first is not guaranteed; order is irrelevant)."""
@@ -83,6 +93,14 @@ class DriftMonitor(Collector):
         if len(confidence):
             share.add_metric([], float(np.mean(confidence < self.low_confidence)))
         yield share
+        outside, scored = self.out_of_domain_share()
+        domain = GaugeMetricFamily(
+            "model_out_of_domain_share",
+            "Share of the drift window's inputs that the model found unlike its training photos (scored ones).",
+        )
+        if scored:
+            domain.add_metric([], outside)
+        yield domain
         psi = GaugeMetricFamily(
             "model_input_drift_psi",
             "Population stability index of each input descriptor: the drift window against the served model's "

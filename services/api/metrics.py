@@ -45,6 +45,12 @@ class ApiMetrics:
             "model_info", "The model being served (value 1).", ["name", "version", "alias", "run_id"], registry=r
         )
         self.ready = Gauge("model_ready", "1 when a model is loaded and can predict.", registry=r)
+        self.out_of_domain = Counter(
+            "model_out_of_domain",
+            "Inputs the served version found unlike its training photos (in-domain distance above its threshold).",
+            ["version"],
+            registry=r,
+        )
         self.load_failures = Counter(
             "model_load_failures", "Failed attempts to resolve or load a model from the registry.", registry=r
         )
@@ -100,10 +106,19 @@ class ApiMetrics:
         for reason in ("queue_full", "store_error"):
             self.uploads_dropped.labels(reason=reason)
 
-    def served(self, labels: Sequence[str], confidences: Sequence[float]) -> None:
+    def served(
+        self,
+        labels: Sequence[str],
+        confidences: Sequence[float],
+        version: str | None = None,
+        in_domain: Sequence[bool] | None = None,
+    ) -> None:
         for label, confidence in zip(labels, confidences, strict=True):
             self.predictions.labels(label=label).inc()
             self.confidence.observe(confidence)
+        if in_domain is not None and version is not None:
+            outside = sum(1 for flag in in_domain if not flag)
+            self.out_of_domain.labels(version=version).inc(outside)  # 0 too: the series exists from the start
 
     def model_loaded(self, name: str, version: str, alias: str, run_id: str) -> None:
         self.info.clear()

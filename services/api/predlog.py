@@ -56,6 +56,9 @@ class Record:
     image: bytes | None = None
     """The uploaded file, kept only while it waits to be stored (``API_STORE_UPLOADS``)."""
     image_format: str | None = None
+    domain_distance: float | None = None
+    """The in-domain distance (None: the model that answered has no in-domain score)."""
+    in_domain: bool | None = None
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def row(self, image_key: str | None, image_sha256: str | None) -> dict[str, Any]:
@@ -70,6 +73,8 @@ class Record:
             "latency_ms": self.latency_ms,
             "image_sha256": image_sha256,
             "image_key": image_key,
+            "domain_distance": self.domain_distance,
+            "in_domain": self.in_domain,
             **self.descriptors,
         }
 
@@ -108,6 +113,7 @@ class PredictionLog:
         self._queued_upload_bytes = 0
         self._wake = asyncio.Event()
         self._written = asyncio.Condition()
+        self._stopping = False
         self._pending: set[str] = set()
         """Ids recorded here and not yet written (or dropped): feedback on them waits for the write."""
         self.db_timeout_s = db_timeout_s
@@ -126,9 +132,18 @@ class PredictionLog:
 
     # -- request side: never blocks, never raises -------------------------------------------------
 
+    def expect(self, prediction_id: str) -> None:
+        """``prediction_id`` was answered and will be recorded in a moment: feedback on it waits for it."""
+        self._pending.add(prediction_id)
+
+    def forget(self, prediction_id: str) -> None:
+        """An expected record that will not come after all."""
+        self._pending.discard(prediction_id)
+
     def record(self, record: Record) -> None:
         if len(self._queue) >= self.max_queue:
             self.metrics.log_dropped.labels(reason="queue_full").inc()
+            self._pending.discard(record.id)
             return
         if record.image is not None:
             if self._queued_upload_bytes + len(record.image) > self.max_upload_bytes_queued:
@@ -141,6 +156,11 @@ class PredictionLog:
         self.metrics.log_queue_depth.set(len(self._queue))
         if len(self._queue) >= self.batch_size:
             self._wake.set()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to write what it holds and return (the app awaits it, then cancels it if it hangs)."""
+        self._stopping = True
+        self._wake.set()
 
     def pending(self, prediction_id: str) -> bool:
         return prediction_id in self._pending
@@ -158,8 +178,9 @@ class PredictionLog:
     async def run(self) -> None:
         """Forever: connect (with backoff), then write batches as they come. Cancel to stop (flushes first).
 
-        Nothing but cancellation ends it: an unexpected error is logged, counted and retried after a pause, so a
-        bug or a row the database refuses can cost some entries but never the log itself.
+        Only :meth:`stop` (which lets it write what it holds, then return) or cancellation ends it: an unexpected
+        error is logged, counted and retried after a pause, so a bug or a row the database refuses can cost some
+        entries but never the log itself.
         """
         async with contextlib.AsyncExitStack() as stack:
             store = None
@@ -176,12 +197,14 @@ class PredictionLog:
         created = failing = False
         batch: list[dict[str, Any]] = []
         taken: list[Record] = []
-        next_accuracy = 0.0
+        last_accuracy = float("-inf")
         loop = asyncio.get_running_loop()
         try:
             while True:
+                if self._stopping and not batch and not self._queue:
+                    return
                 if not batch:
-                    if not self._queue and created:
+                    if not self._queue and created and not self._stopping:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
                         self._wake.clear()  # a record arriving now is still seen: the queue is checked first
@@ -199,6 +222,9 @@ class PredictionLog:
                         log.warning("prediction log: the database is unavailable (%s); retrying", _short(exc))
                     failing = True
                     self._set_healthy(False)
+                    if self._stopping:  # no waiting for the database at shutdown: count what is lost
+                        self._count_lost(len(batch) + len(self._take(len(self._queue))))
+                        return
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, self.retry_max_s)
                     continue
@@ -215,8 +241,8 @@ class PredictionLog:
                     self.metrics.log_dropped.labels(reason="rejected").inc(rejected)
                 await self._done(taken)
                 batch, taken = [], []
-                if self.serving and loop.time() >= next_accuracy:
-                    next_accuracy = loop.time() + self.accuracy_refresh_s
+                if self.serving and loop.time() >= last_accuracy + self.accuracy_refresh_s:
+                    last_accuracy = loop.time()
                     try:
                         await asyncio.wait_for(self._refresh_accuracy(), self.db_timeout_s)
                     except (asyncio.CancelledError, KeyboardInterrupt):
@@ -238,9 +264,12 @@ class PredictionLog:
             with contextlib.suppress(Exception):
                 written, _ = await asyncio.wait_for(self._write(rows), 5.0)
         self.metrics.log_written.inc(written)
-        if len(rows) - written:
-            self.metrics.log_dropped.labels(reason="shutdown").inc(len(rows) - written)
-            log.warning("prediction log: %d predictions not written at shutdown", len(rows) - written)
+        self._count_lost(len(rows) - written)
+
+    def _count_lost(self, lost: int) -> None:
+        if lost:
+            self.metrics.log_dropped.labels(reason="shutdown").inc(lost)
+            log.warning("prediction log: %d predictions not written at shutdown", lost)
 
     def _take(self, limit: int | None = None) -> list[Record]:
         taken = []

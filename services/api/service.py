@@ -1,10 +1,18 @@
-"""The data plane behind the routes: decode images, run them through the batcher, shape the answers."""
+"""The data plane behind the routes: decode images, run them through the batcher, shape the answers.
+
+What only monitoring needs (each input's descriptors for the drift window and the prediction log) is
+computed right after the answer, off the request's path: describing a photo costs more than decoding it.
+The prediction ids are announced to the log at once, so feedback that arrives first waits for its row.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,13 +26,41 @@ from services.api.predlog import PredictionLog, Record
 from services.api.protocol import parse_body, predictions_body
 from services.api.runtime import LoadedModel
 from shared import images, labels
-from shared.descriptors import Prepared, describe_array, prepare
+from shared.descriptors import Loaded, describe_array, load
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Upload:
     filename: str | None
     data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Observation:
+    """One answered prediction, waiting to be described and recorded."""
+
+    id: str
+    endpoint: str
+    model: LoadedModel
+    label: str
+    confidence: float
+    latency_ms: float
+    describe: Callable[[], dict[str, float]]
+    """Returns the input's descriptors (called in a worker thread)."""
+    data: bytes | None = None
+    image_format: str | None = None
+    domain_distance: float | None = None
+    in_domain: bool | None = None
+
+
+def _domain(distances: np.ndarray | None, model: LoadedModel) -> tuple[float | None, bool | None]:
+    """The first input's in-domain distance and verdict (both None when the model has no in-domain score)."""
+    if distances is None or model.domain_threshold is None:
+        return None, None
+    distance = float(distances[0])
+    return distance, distance <= model.domain_threshold
 
 
 class Classifier:
@@ -38,7 +74,10 @@ class Classifier:
         *,
         drift: DriftMonitor | None = None,
         predlog: PredictionLog | None = None,
+        low_confidence: float = 0.7,
     ) -> None:
+        self.low_confidence = low_confidence
+        """Answers below this confidence say so (``low_confidence``); the page shows them as "not sure"."""
         self.batcher = batcher
         self.metrics = metrics
         self.limits = limits
@@ -46,21 +85,27 @@ class Classifier:
         self.timeout_s = timeout_s
         self.drift = drift
         self.predlog = predlog
+        self._background: set[asyncio.Task[None]] = set()
 
-    async def _predict(self, x: np.ndarray) -> tuple[np.ndarray, LoadedModel]:
+    async def _predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, LoadedModel]:
+        """Probabilities ``(n, classes)``, in-domain distances ``(n,)`` (None: the model has no such score), and
+        the model that answered."""
         try:
-            probs, model = await asyncio.wait_for(self.batcher.predict(x), self.timeout_s)
+            out, model = await asyncio.wait_for(self.batcher.predict(x), self.timeout_s)
         except TimeoutError:
             raise Timeout(f"the model did not answer within {self.timeout_s:g} s") from None
+        classes = len(model.labels)
+        probs = np.ascontiguousarray(out[:, :classes])
+        distances = out[:, classes] if model.domain_threshold is not None and out.shape[1] > classes else None
         if not np.isfinite(probs).all():
             # Finite but absurd inputs (1e38) overflow inside the network: refuse them rather than answer NaN,
             # which would also poison the confidence metrics and the prediction log.
             raise BadRequest("the model's output is not a number for this input: send pixel values in [0, 1]")
-        return probs, model
+        return probs, distances, model
 
-    def _decode(self, upload: Upload, index: int) -> Prepared:
+    def _decode(self, upload: Upload, index: int) -> Loaded:
         try:
-            return prepare(upload.data, self.limits)
+            return load(upload.data, self.limits)
         except images.ImageTooLargeError as exc:
             raise PayloadTooLarge(f"{_which(upload, index)}: {exc}") from None
         except images.ImageError as exc:
@@ -69,84 +114,112 @@ class Classifier:
     async def classify(self, uploads: list[Upload], started: float | None = None) -> list[dict[str, Any]]:
         """One answer per upload, in order. Any unusable file fails the request with its reason."""
         started = time.perf_counter() if started is None else started
-        prepared = await asyncio.gather(
-            *(asyncio.to_thread(self._decode, upload, i) for i, upload in enumerate(uploads))
-        )
+        loaded = await asyncio.gather(*(asyncio.to_thread(self._decode, upload, i) for i, upload in enumerate(uploads)))
         # Each image is queued on its own, so images of different requests can share a forward pass.
-        results = await asyncio.gather(*(self._predict(p.array[np.newaxis]) for p in prepared))
+        results = await asyncio.gather(*(self._predict(image.array[np.newaxis]) for image in loaded))
         latency_ms = (time.perf_counter() - started) * 1000
-        answers = []
-        for upload, image, (probs, model) in zip(uploads, prepared, results, strict=True):
+        answers, observations = [], []
+        for upload, image, (probs, distances, model) in zip(uploads, loaded, results, strict=True):
             label, confidence, per_class = labels.decode(probs, model.labels)[0]
-            self.metrics.served([label], [confidence])
-            prediction_id = self._observe(
-                "predict", model, label, confidence, latency_ms, image.descriptors, upload.data, image.format
-            )
+            distance, in_domain = _domain(distances, model)
+            self.metrics.served([label], [confidence], model.version, None if in_domain is None else [in_domain])
+            prediction_id = uuid.uuid4().hex
+            stored = upload.data if self.predlog is not None and self.predlog.stores_uploads else None
+            observations.append(
+                _Observation(prediction_id, "predict", model, label, confidence, latency_ms, image.describe,
+                             stored, image.format, distance, in_domain)
+            )  # fmt: skip
             answers.append(
                 {
                     "id": prediction_id,
                     "label": label,
                     "confidence": confidence,
+                    "low_confidence": confidence < self.low_confidence,
+                    # Nothing is hidden: an image unlike the training photos still gets its label, and says so.
+                    "in_domain": in_domain,
+                    "domain_distance": distance,
                     "probabilities": per_class,
                     "model": {"name": model.name, "version": model.version},
                     "filename": upload.filename,
                 }
             )
+        self._observe_later(observations)
         return answers
 
-    async def invocations(self, body: bytes, started: float | None = None) -> tuple[bytes, LoadedModel, list[str]]:
-        """An MLflow scoring request -> its ``{"predictions": ...}`` body, the model that answered, the ids."""
+    async def invocations(
+        self, body: bytes, started: float | None = None
+    ) -> tuple[bytes, LoadedModel, list[str], list[bool] | None]:
+        """An MLflow scoring request -> its ``{"predictions": ...}`` body, the model that answered, the ids, and
+        whether each input looks like the training photos (None: the model has no in-domain score)."""
         started = time.perf_counter() if started is None else started
         if len(body) > 65536:
             x = await asyncio.to_thread(parse_body, body, self.max_instances)
         else:
             x = parse_body(body, self.max_instances)
-        monitored = self.drift is not None or self.predlog is not None
-        prediction, descriptors = await asyncio.gather(
-            self._predict(x), asyncio.to_thread(_describe_all, x) if monitored else _nothing()
-        )
-        probs, model = prediction
+        _check_range(x)
+        probs, distances, model = await self._predict(x)
         latency_ms = (time.perf_counter() - started) * 1000
         decoded = labels.decode(probs, model.labels)
-        self.metrics.served([d[0] for d in decoded], [d[1] for d in decoded])
-        ids = [
-            self._observe("invocations", model, label, confidence, latency_ms, described)
-            for (label, confidence, _), described in zip(decoded, descriptors or [{}] * len(decoded), strict=True)
-        ]
-        return predictions_body(probs), model, ids
+        domain = [_domain(None if distances is None else distances[i : i + 1], model) for i in range(len(x))]
+        flags = None if distances is None else [bool(in_domain) for _, in_domain in domain]
+        self.metrics.served([d[0] for d in decoded], [d[1] for d in decoded], model.version, flags)
+        observations = [
+            _Observation(uuid.uuid4().hex, "invocations", model, label, confidence, latency_ms,
+                         functools.partial(describe_array, image), None, None, distance, in_domain)
+            for (label, confidence, _), image, (distance, in_domain) in zip(decoded, x, domain, strict=True)
+        ]  # fmt: skip
+        self._observe_later(observations)
+        return predictions_body(probs), model, [o.id for o in observations], flags
 
-    def _observe(
-        self,
-        endpoint: str,
-        model: LoadedModel,
-        label: str,
-        confidence: float,
-        latency_ms: float,
-        descriptors: dict[str, float],
-        data: bytes | None = None,
-        image_format: str | None = None,
-    ) -> str:
-        """Feed one prediction to the drift window and the prediction log; its id."""
-        prediction_id = uuid.uuid4().hex
-        if self.drift is not None and descriptors:
-            self.drift.observe(descriptors, confidence)
-        if self.predlog is not None and descriptors:
-            stored = data if self.predlog.stores_uploads else None
-            self.predlog.record(
-                Record(
-                    prediction_id, endpoint, model.name, model.version, label, confidence, latency_ms,
-                    descriptors, stored, image_format,
-                )
-            )  # fmt: skip
-        return prediction_id
+    def _observe_later(self, observations: list[_Observation]) -> None:
+        """Announce the ids to the log now; describe the inputs and feed the drift window and the log next."""
+        if not observations or (self.drift is None and self.predlog is None):
+            return
+        if self.predlog is not None:
+            for observation in observations:
+                self.predlog.expect(observation.id)
+        task = asyncio.create_task(self._observe(observations), name="observe")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _observe(self, observations: list[_Observation]) -> None:
+        try:
+            described = await asyncio.to_thread(lambda: [o.describe() for o in observations])
+        except Exception:  # monitoring must never fail a request, nor leave feedback waiting for a row
+            log.exception("describing %d inputs failed; they are not logged", len(observations))
+            if self.predlog is not None:
+                for observation in observations:
+                    self.predlog.forget(observation.id)
+            return
+        for o, descriptors in zip(observations, described, strict=True):
+            if self.drift is not None:
+                self.drift.observe(descriptors, o.confidence, o.in_domain)
+            if self.predlog is not None:
+                self.predlog.record(
+                    Record(o.id, o.endpoint, o.model.name, o.model.version, o.label, o.confidence, o.latency_ms,
+                           descriptors, o.data, o.image_format, o.domain_distance, o.in_domain)
+                )  # fmt: skip
+
+    async def drain(self) -> None:
+        """Wait for the observations still being described (at shutdown, before the log's last flush)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
 
-def _describe_all(x: np.ndarray) -> list[dict[str, float]]:
-    return [describe_array(image) for image in x]
+RANGE_TOLERANCE = 1e-3
+"""How far outside [0, 1] a pixel value may stray (float rounding of x / 255) before the input is refused."""
 
 
-async def _nothing() -> None:
-    return None
+def _check_range(x: np.ndarray) -> None:
+    """Refuse inputs outside [0, 1]: 0-255 pixels (the commonest client mistake) would otherwise get a
+    confident, meaningless answer. A deliberate difference from ``mlflow models serve``, which answers them."""
+    low, high = float(x.min()), float(x.max())
+    if low >= -RANGE_TOLERANCE and high <= 1 + RANGE_TOLERANCE:
+        return
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise BadRequest("inputs must be pixel values in [0, 1]; this input holds values that are not finite numbers")
+    hint = ": divide 0-255 pixel values by 255" if 1 < high <= 255 and low >= 0 else ""
+    raise BadRequest(f"inputs must be pixel values in [0, 1]; this input has values from {low:g} to {high:g}{hint}")
 
 
 def _which(upload: Upload, index: int) -> str:

@@ -1,4 +1,4 @@
-"""``python -m services.trainer ingest|features|train|run|drift|prune``: the training worker's command line."""
+"""python -m services.trainer ingest|features|train|run|drift|prune: the training worker's command line."""
 
 from __future__ import annotations
 
@@ -21,9 +21,14 @@ EXPECTED_ERRORS = (SourceError, FeatureSetError, ObjectStoreError, DatabaseError
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m services.trainer", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m services.trainer",
+        description="The training worker: ingest labelled photos, build feature sets, train, register and gate "
+        "models. Settings are environment variables (DATABASE_URL, OBJECT_STORE_URL, MLFLOW_TRACKING_URI, "
+        "TRAINER_*; see the README); the defaults keep everything under ./var/.",
+    )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--quiet", action="store_true", help="no progress lines or bars, only the summaries")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_source(p: argparse.ArgumentParser, feedback_help: str) -> None:
@@ -75,11 +80,12 @@ def _positive(text: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
-    if args.quiet:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The console tells one story (progress, the gate, a summary): the libraries' own chatter stays out of it.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables...", ...
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("botocore", "aiobotocore", "httpx", "urllib3", "alembic", "mlflow", "absl"):
+    for noisy in ("botocore", "aiobotocore", "httpx", "urllib3", "alembic", "mlflow", "absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = TrainerSettings()
     if getattr(args, "seed", None) is not None:
@@ -114,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             print(feature_set.summary())
         if args.command in ("train", "run"):
+            from services.trainer.quiet import import_tensorflow
+
+            import_tensorflow()
             from services.trainer.train import train_and_register
 
             version = getattr(args, "feature_set", None)

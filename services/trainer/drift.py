@@ -133,9 +133,22 @@ class RecentPredictions:
     """``(n, len(DESCRIPTOR_COLUMNS))``: the descriptors of the latest ``n`` predictions, newest first."""
     first: datetime | None
     last: datetime | None
+    outside: np.ndarray | None = None
+    """Per prediction: 1.0 out of domain, 0.0 in domain, NaN when the answering version had no in-domain score."""
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def domain_line(self) -> str:
+        """The share of the window's predictions that were "neither dandelion nor grass"."""
+        scored = np.array([]) if self.outside is None else self.outside[~np.isnan(self.outside)]
+        if not len(scored):
+            return "out of domain: no prediction in the window was scored (versions without an in-domain score)"
+        n = int(scored.sum())
+        return (
+            f"out of domain: {n} of {len(scored)} scored predictions ({n / len(scored):.1%}) were unlike the "
+            "training photos (about 2.5 % of real dandelion/grass photos are, by design)"
+        )
 
     def span(self) -> str:
         if self.first is None or self.last is None:
@@ -147,16 +160,17 @@ async def recent_predictions(settings: TrainerSettings, window: int) -> RecentPr
     """The descriptors of the latest ``window`` predictions of the configured model name (any version)."""
     columns = [getattr(PredictionRow, name) for name in DESCRIPTOR_COLUMNS]
     query = (
-        select(PredictionRow.created_at, *columns)
+        select(PredictionRow.created_at, PredictionRow.in_domain, *columns)
         .where(PredictionRow.model_name == settings.registry.model_name)
         .order_by(PredictionRow.created_at.desc(), PredictionRow.id.desc())
         .limit(window)
     )
     async with open_database(settings.database) as sessions, sessions() as session:
         result = (await session.execute(query)).all()
-    rows = np.asarray([r[1:] for r in result], dtype=np.float64).reshape(-1, len(DESCRIPTOR_COLUMNS))
+    rows = np.asarray([r[2:] for r in result], dtype=np.float64).reshape(-1, len(DESCRIPTOR_COLUMNS))
+    outside = np.asarray([np.nan if r[1] is None else float(not r[1]) for r in result], dtype=np.float64)
     times = [_utc(r[0]) for r in result]
-    return RecentPredictions(rows, min(times, default=None), max(times, default=None))
+    return RecentPredictions(rows, min(times, default=None), max(times, default=None), outside)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -231,12 +245,14 @@ class DriftReport:
                 f"{self.min_samples} needed (TRAINER_DRIFT_MIN_SAMPLES; by chance alone PSI is about "
                 f"{9 / len(self.recent):.2g} at this size)"
             )
+            lines.append(self.recent.domain_line())
             return "\n".join(lines)
         verdict = (
             f"INPUT DRIFT on {', '.join(self.drifted)}" if self.drifted else "no input drift on the colour features"
         )
         comparison = ">" if psi > self.threshold else "<="
         lines.append(f"worst colour feature: {name} PSI {psi:.3f} {comparison} {self.threshold:g}: {verdict}")
+        lines.append(self.recent.domain_line())
         return "\n".join(lines)
 
     def champion_label(self) -> str:
@@ -257,11 +273,12 @@ class DriftReport:
             edges = np.histogram_bin_edges(np.concatenate([reference, recent]), bins=30)
             ax.hist(reference, edges, density=True, alpha=0.55, color="tab:green", label="training split")
             ax.hist(recent, edges, density=True, alpha=0.55, color="tab:blue", label="recent predictions")
-            colour = "crimson" if feature.drifted else "darkorange" if feature.over else "black"
+            drifted = feature.drifted and self.judged  # too few predictions: shown, not called drift
+            colour = "crimson" if drifted else "darkorange" if feature.over and self.judged else "black"
             ax.set_title(f"{feature.name}  PSI {feature.psi:.3f}", color=colour, fontsize=10)
             ax.tick_params(labelsize=7)
             ax.set_yticks([])
-            if feature.drifted:
+            if drifted:
                 ax.set_facecolor("#fdecec")
                 for spine in ax.spines.values():
                     spine.set_edgecolor("crimson")
@@ -269,9 +286,14 @@ class DriftReport:
         for ax in axes[len(self.features) :]:
             ax.set_visible(False)
         axes[0].legend(fontsize=7, loc="upper left")
+        verdict = (
+            f"red: PSI > {self.threshold:g} on a colour feature"
+            if self.judged
+            else f"not judged: {len(self.recent)} predictions, {self.min_samples} needed"
+        )
         figure.suptitle(
             f"{self.champion_label()} training split ({self.reference_size} images) vs the last "
-            f"{len(self.recent)} predictions ({self.recent.span()}); red: PSI > {self.threshold:g} on a colour feature",
+            f"{len(self.recent)} predictions ({self.recent.span()}); {verdict}",
             fontsize=11,
         )
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Test-split metrics and the pictures people look at: confusion matrix, learning curves, misclassified images."""
+"""Test-split metrics and the pictures people look at: confusion matrix, regularisation, misclassified images."""
 
 from __future__ import annotations
 
@@ -81,19 +81,23 @@ def plot_regularisation(curve: dict[float, float], chosen: float, cv, path: Path
 def misclassified_grid(
     images: Sequence[bytes], y_true: np.ndarray, probabilities: np.ndarray, path: Path, limit: int = 24
 ) -> int:
-    """A grid of the wrongly classified test images with their true and predicted labels; returns how many."""
-    wrong = np.flatnonzero(probabilities.argmax(axis=1) != y_true)[:limit]
-    cols = 6
-    rows = max(1, int(np.ceil(len(wrong) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 2, rows * 2.3), dpi=90, squeeze=False)
+    """A grid of the wrongly classified test images, each titled with its true label, the model's answer and
+    the model's confidence in that answer; returns how many there are. The grid is as wide as it needs."""
+    wrong = np.flatnonzero(probabilities.argmax(axis=1) != y_true)
+    shown = wrong[:limit]
+    cols = max(1, min(6, len(shown)))
+    rows = max(1, int(np.ceil(len(shown) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(max(cols * 2.2, 4.4), rows * 2.5 + 0.5), dpi=90, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, wrong, strict=False):
+    for ax, i in zip(axes.flat, shown, strict=False):
         ax.imshow(Image.open(io.BytesIO(images[i])).convert("RGB"))
         p = probabilities[i]
-        ax.set_title(f"{LABELS[y_true[i]]} → {LABELS[p.argmax()]}\n{p.max():.2f}", fontsize=8)
-    if not len(wrong):
-        axes[0, 0].text(0, 0.5, "no misclassified test image", fontsize=12)
+        ax.set_title(f"is {LABELS[y_true[i]]}\nanswered {LABELS[p.argmax()]} ({p.max():.0%})", fontsize=8)
+    if not len(shown):
+        axes[0, 0].text(0.5, 0.5, "no misclassified test image", fontsize=12, ha="center", va="center")
+    more = f", the first {len(shown)} shown" if len(wrong) > len(shown) else ""
+    fig.suptitle(f"misclassified test images: {len(wrong)} of {len(y_true)}{more}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -63,10 +63,12 @@ class IngestReport:
         return self.new + self.duplicate + sum(self.rejected.values())
 
     def summary(self) -> str:
-        rejected = ", ".join(f"{n} {reason}" for reason, n in sorted(self.rejected.items())) or "0"
+        rejected = f"{sum(self.rejected.values())} rejected"
+        if self.rejected:
+            rejected += f" ({', '.join(f'{n} {reason}' for reason, n in sorted(self.rejected.items()))})"
         return (
-            f"ingest: {self.new} new, {self.duplicate} duplicate, rejected {rejected}, "
-            f"{self.missing} missing, {self.failed} failed in {self.seconds:.1f} s"
+            f"ingest: {self.new} new, {self.duplicate} already stored, {rejected}, "
+            f"{self.missing} missing, {self.failed} failed ({self.seconds:.1f} s)"
         )
 
 

@@ -34,15 +34,23 @@ def feature_model(backbone: keras.Model, resolution: int) -> keras.Model:
 
 def serving_model(features: keras.Model, head: LinearHead, tta: bool = False) -> keras.Model:
     """The exported model; with ``tta`` it averages the image and its mirror image inside its forward pass."""
+    return serving_models(features, head, tta)[0]
+
+
+def serving_models(features: keras.Model, head: LinearHead, tta: bool = False) -> tuple[keras.Model, keras.Model]:
+    """The exported model, and the same graph with a second output: the pooled features of the image (what
+    the in-domain distance is computed from, in the same pass)."""
     classifier = keras.layers.Dense(len(LABELS), activation="softmax", name="probabilities")
     classifier.build((None, features.output_shape[-1]))
     classifier.set_weights(list(head.dense_weights()))
     inputs = keras.Input((MODEL_SIZE, MODEL_SIZE, 3), name="image", dtype="float32")
-    probabilities = classifier(features(inputs))
+    pooled = features(inputs)
+    probabilities = classifier(pooled)
     if tta:
         mirrored = classifier(features(keras.ops.flip(inputs, axis=2)))
         probabilities = keras.layers.Average(name="tta_mean")([probabilities, mirrored])
-    return keras.Model(inputs, probabilities, name="dandelion_grass")
+    served = keras.Model(inputs, probabilities, name="dandelion_grass")
+    return served, keras.Model(inputs, [probabilities, pooled], name="dandelion_grass_with_features")
 
 
 def traced(model: keras.Model, batch_size: int = 16) -> Callable[[np.ndarray], np.ndarray]:

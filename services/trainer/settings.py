@@ -57,6 +57,10 @@ class TrainerSettings(BaseSettings):
     """Folds of the cross-validation that chooses the head's regularisation and estimates the recipe."""
     cv_repeats: int = Field(3, ge=1)
     """Fold shuffles of each run's estimate of the recipe (one shuffle moves it by a few tenths of a point)."""
+    domain_k: int = Field(40, ge=1)
+    """In-domain score: distance to the k-th nearest training view (see ``services.trainer.indomain``)."""
+    ood_set: Path = Path("var/ood-set")
+    """Where the out-of-domain evaluation set is built once and reused (``services.trainer.oodset``)."""
     promotion_floor: float = 0.80
     """A new version must reach at least this test accuracy to become the champion."""
     promotion_min_gain: float = 0.0

@@ -24,15 +24,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
-from services.trainer import backbone, crossval, evaluation, head
+from services.trainer import backbone, crossval, evaluation, head, indomain, oodset
 from services.trainer.crossval import CrossValidation
 from services.trainer.dataset import splits_from_table
 from services.trainer.features import load_feature_set
+from services.trainer.quiet import filtered_stderr
 from services.trainer.registry import Champion, GateDecision, connect, current_champion, decide, evaluate_version
 from services.trainer.settings import TrainerSettings
 from shared.descriptors import DESCRIPTOR_COLUMNS
 from shared.drift import Reference
-from shared.images import MODEL_SIZE
+from shared.images import MODEL_SIZE, preprocess
 from shared.labels import LABELS
 
 log = logging.getLogger(__name__)
@@ -47,23 +48,57 @@ class TrainResult:
     metrics: dict[str, float]
     decision: GateDecision
     cross_validation: CrossValidation
+    domain: indomain.DomainEvaluation
     c: float
     """The head's inverse regularisation, chosen by cross-validation on the training split."""
     feature_seconds: float
     training_seconds: float
     total_seconds: float
 
+    n_test: int = 0
+    artifact_uri: str = ""
+    tracking_uri: str = ""
+
     def summary(self) -> str:
-        verdict = "PROMOTED to champion" if self.decision.promote else "NOT promoted"
-        return (
-            f"train: {self.model_name} v{self.version} (run {self.run_id[:8]}, "
-            f"feature set v{self.feature_set_version}): "
-            f"test accuracy {self.metrics['test_accuracy']:.4f}, F1 {self.metrics['test_f1']:.4f}, "
-            f"ROC AUC {self.metrics['test_roc_auc']:.4f}; {self.cross_validation.summary()}; "
-            f"features {self.feature_seconds:.0f} s, head and cross-validation {self.training_seconds:.0f} s, "
-            f"{self.total_seconds:.0f} s total\n"
-            f"gate: {verdict}: {self.decision.reason}"
-        )
+        """The run's story in a few lines: the gate's verdict, the figures, and where to look."""
+        n_test = self.n_test
+        correct = round(self.metrics["test_accuracy"] * n_test) if n_test else None
+        on_test = f" ({correct}/{n_test})" if correct is not None else ""
+        if self.decision.promote:
+            verdict = f"gate: v{self.version} is now the champion: {self.decision.reason}"
+        else:
+            verdict = f"gate: v{self.version} NOT promoted, the champion stays: {self.decision.reason}"
+        lines = [
+            verdict,
+            f"done: {self.model_name} v{self.version} from feature set v{self.feature_set_version} in "
+            f"{self.total_seconds:.0f} s: test accuracy {self.metrics['test_accuracy']:.1%}{on_test}, "
+            f"cross-validated {self.cross_validation.mean:.1%} ± {self.cross_validation.sd:.1%}",
+            f"  run      {self.run_id}",
+        ]
+        if self.artifact_uri:
+            where = _readable(self.artifact_uri)
+            lines.append(f"  reports  {where}/report/ (confusion matrix, errors, cross-validation)")
+        if self.tracking_uri:
+            lines.append(f"  browse   {_browse_hint(self.tracking_uri)}")
+        return "\n".join(lines)
+
+
+def _readable(uri: str) -> str:
+    """A local artifact location as a path relative to here when it is under it."""
+    if uri.startswith("file://"):
+        uri = uri.removeprefix("file://")
+    if uri.startswith("/"):
+        try:
+            return str(Path(uri).relative_to(Path.cwd()))
+        except ValueError:
+            return uri
+    return uri
+
+
+def _browse_hint(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')} (MLflow UI: the run, its plots and the registered model)"
+    return f"mlflow ui --backend-store-uri {tracking_uri}   (then http://127.0.0.1:5000)"
 
 
 def _pip_requirements() -> list[str]:
@@ -103,7 +138,7 @@ def train_and_register(
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
-    from services.trainer.model import extractor, feature_model, serving_model, traced
+    from services.trainer.model import extractor, feature_model, serving_models, traced
 
     reference = drift_reference(table, f"{feature_set.name}:v{feature_set.version}")
     variant = backbone.VARIANTS[settings.backbone]
@@ -126,6 +161,7 @@ def train_and_register(
         "head_c_grid": ",".join(f"{c:g}" for c in settings.head_c_grid),
         "cv_folds": settings.cv_folds,
         "cv_repeats": settings.cv_repeats,
+        "domain_k": settings.domain_k,
         "labels": ",".join(LABELS),
         "feature_set_name": feature_set.name,
         "feature_set_version": feature_set.version,
@@ -173,7 +209,17 @@ def train_and_register(
         if progress:
             print(f"train: head C={c:g} (chosen by cross-validation on the training split); {cv.summary()}", flush=True)
 
-        exported = serving_model(features, fitted, tta=settings.tta)
+        # "Neither": the bank and threshold this version carries, and how well the recipe tells other images.
+        domain = indomain.fit(views["train"], views["val"], settings.domain_k, settings.seed)
+        ood_names, ood_files, _ = oodset.ensure(settings.ood_set)
+        ood_features = extract(np.stack([preprocess(data) for data in ood_files]))
+        domain_eval = indomain.evaluate(
+            everything, labels, ood_features, ood_names, settings.domain_k, settings.cv_folds, settings.seed
+        )
+        if progress:
+            print(f"train: {domain_eval.summary()}; threshold {domain.threshold:.4f}", flush=True)
+
+        exported, with_features = serving_models(features, fitted, tta=settings.tta)
         test_probs = traced(exported)(test.x)
         expected = head.predict(fitted, views["test"][:, :eval_views])
         if not np.allclose(test_probs, expected, atol=1e-4):  # the folded Dense layer must be the fitted head
@@ -183,6 +229,9 @@ def train_and_register(
             evaluation.metrics(val.y, head.predict(fitted, views["val"][:, :eval_views]), prefix="val_final_")
         )
         results.update(cv.metrics())
+        results.update(domain_eval.metrics())
+        results["domain_threshold"] = domain.threshold
+        results["domain_test_flagged"] = float(np.mean(domain.distances(views["test"][:, 0]) > domain.threshold))
         results.update({f"head_cv_accuracy_c{c_value:g}": accuracy for c_value, accuracy in curve.items()})
         results["head_c"] = c
         results["training_seconds"] = training_seconds
@@ -211,10 +260,30 @@ def train_and_register(
                     indent=2,
                 )
             )
+            ood_distances = domain.distances(ood_features)
+            (out / "in_domain.json").write_text(
+                json.dumps(
+                    {
+                        **domain.metadata(),
+                        **domain_eval.metrics(),
+                        "missed_by_most_folds": list(domain_eval.missed),
+                        "out_of_domain_set": {
+                            name: {"distance": round(float(d), 4), "caught": bool(d > domain.threshold)}
+                            for name, d in zip(ood_names, ood_distances, strict=True)
+                        },
+                    },
+                    indent=1,
+                )
+            )
             mlflow.log_artifacts(tmp, artifact_path="report")
             mlflow.log_dict({"labels": list(LABELS)}, "labels.json")
             mlflow.log_dict(reference.to_dict(), "drift_reference.json")
-        log.info("test accuracy %.4f (%d misclassified of %d)", results["test_accuracy"], n_wrong, len(test))
+        if progress:
+            print(
+                f"train: test split {results['test_accuracy']:.1%} ({len(test) - n_wrong}/{len(test)}); "
+                "registering the model and its LiteRT export",
+                flush=True,
+            )
 
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, MODEL_SIZE, MODEL_SIZE, 3))]),
@@ -224,26 +293,31 @@ def train_and_register(
 
         with tempfile.TemporaryDirectory() as export_dir:
             litert_path = Path(export_dir) / LITERT_FILE  # the API's runtime: LiteRT, without TensorFlow
-            litert_path.write_bytes(litert_model(exported))
-            model_info = mlflow.tensorflow.log_model(
-                exported,
-                name="model",
-                signature=signature,
-                input_example=np.round(test.x[:1], 4),
-                pip_requirements=_pip_requirements(),
-                extra_files=[str(litert_path)],
-                metadata={
-                    "labels": list(LABELS),
-                    "input_size": MODEL_SIZE,
-                    "backbone": f"efficientnet-{variant.name}",
-                    "resolution": settings.resolution,
-                    "tta": settings.tta,
-                    "feature_set": f"{feature_set.name}:v{feature_set.version}",
-                    "cv_accuracy": round(cv.mean, 4),
-                    "drift_reference": reference.to_dict(),
-                },
-                registered_model_name=settings.registry.model_name,
-            )
+            with filtered_stderr():
+                litert_path.write_bytes(litert_model(exported, with_features=with_features, domain=domain))
+            keras.utils.disable_interactive_logging()  # MLflow's input-example check would draw Keras step bars
+            with filtered_stderr():
+                model_info = mlflow.tensorflow.log_model(
+                    exported,
+                    name="model",
+                    signature=signature,
+                    input_example=np.round(test.x[:1], 4),
+                    pip_requirements=_pip_requirements(),
+                    extra_files=[str(litert_path)],
+                    metadata={
+                        "labels": list(LABELS),
+                        "input_size": MODEL_SIZE,
+                        "backbone": f"efficientnet-{variant.name}",
+                        "resolution": settings.resolution,
+                        "tta": settings.tta,
+                        "feature_set": f"{feature_set.name}:v{feature_set.version}",
+                        "cv_accuracy": round(cv.mean, 4),
+                        "drift_reference": reference.to_dict(),
+                        # The LiteRT export's last output column; the API flags answers above the threshold.
+                        "in_domain": {**domain.metadata(), "score_column": len(LABELS)},
+                    },
+                    registered_model_name=settings.registry.model_name,
+                )
         version = str(model_info.registered_model_version)
 
         decision = _gate(client, settings, version, test.x, test.y, results, force)
@@ -259,10 +333,14 @@ def train_and_register(
         metrics=results,
         decision=decision,
         cross_validation=cv,
+        domain=domain_eval,
         c=c,
         feature_seconds=feature_seconds,
         training_seconds=training_seconds,
         total_seconds=time.perf_counter() - started,
+        n_test=len(test),
+        artifact_uri=run.info.artifact_uri or "",
+        tracking_uri=mlflow.get_tracking_uri(),
     )
 
 
@@ -295,7 +373,7 @@ def _gate(client, settings: TrainerSettings, version: str, x_test, y_test, resul
     client.set_model_version_tag(name, version, "gate_reason", decision.reason)
     if decision.promote:
         client.set_registered_model_alias(name, registry.model_alias, version)
-        log.info("alias %s -> %s v%s: %s", registry.model_alias, name, version, decision.reason)
+        log.debug("alias %s -> %s v%s: %s", registry.model_alias, name, version, decision.reason)
     else:
-        log.info("alias %s unchanged: %s", registry.model_alias, decision.reason)
+        log.debug("alias %s unchanged: %s", registry.model_alias, decision.reason)
     return decision

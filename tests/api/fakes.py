@@ -17,6 +17,11 @@ def yellowness(x: np.ndarray) -> np.ndarray:
     return np.stack([p, 1 - p], axis=1).astype(np.float32)
 
 
+def distance(x: np.ndarray) -> np.ndarray:
+    """The fake in-domain distance: how far the mean brightness is from 0.4 (white and black are far)."""
+    return np.abs(x.mean(axis=(1, 2, 3)) - 0.4).astype(np.float32)
+
+
 class FakeSource:
     """Serves versions named by ``self.version``; ``fail`` makes the registry unreachable."""
 
@@ -29,6 +34,8 @@ class FakeSource:
         self.poison_value: float | None = None
         self.metadata: dict = {}
         """The loaded model's metadata (e.g. a ``drift_reference``)."""
+        self.domain_threshold: float | None = None
+        """Set: the model also returns an in-domain distance, :func:`distance`, as the LiteRT export does."""
 
     def resolve(self) -> tuple[str, str]:
         if self.fail:
@@ -45,8 +52,11 @@ class FakeSource:
                 raise ValueError("poisoned input")
             probs = yellowness(x)
             probs[np.abs(x).max(axis=(1, 2, 3)) > 1e30] = np.nan  # as a real network overflows on absurd inputs
-            return probs
+            if threshold is None:
+                return probs
+            return np.concatenate([probs, distance(x)[:, None]], axis=1)
 
+        threshold = self.domain_threshold
         return LoadedModel(
             name="fake-model",
             version=version,
@@ -55,4 +65,5 @@ class FakeSource:
             labels=LABELS,
             forward=forward,
             metadata=dict(self.metadata),
+            domain_threshold=threshold,
         )

@@ -37,6 +37,15 @@ async def test_predict_one_file(client: httpx.AsyncClient) -> None:
     assert set(body["probabilities"]) == {"dandelion", "grass"}
     assert body["model"] == {"name": "fake-model", "version": "1"}
     assert response.headers["x-model-version"] == "1"
+    assert body["low_confidence"] is False
+
+
+async def test_an_unsure_answer_says_so(client: httpx.AsyncClient) -> None:
+    """Below API_LOW_CONFIDENCE_THRESHOLD (0.7) the answer carries ``low_confidence`` (the page: "not sure")."""
+    murky = png((200, 200, 110))  # the fake model's boundary: about 51 % dandelion
+    response = await client.post("/predict", files={"file": ("murky.png", murky, "image/png")})
+    body = response.json()
+    assert 0.5 <= body["confidence"] < 0.7 and body["low_confidence"] is True
 
 
 async def test_predict_several_files_answers_in_order(client: httpx.AsyncClient) -> None:
@@ -97,6 +106,36 @@ async def test_invocations_seed_payload(client: httpx.AsyncClient) -> None:
     expected = yellowness(np.array(payload["inputs"], np.float32))
     np.testing.assert_allclose(predictions, expected, atol=1e-6)
     assert predictions.argmax(axis=1).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("pixels", "message"),
+    [
+        (np.full((1, 224, 224, 3), 200.0), "from 200 to 200: divide 0-255 pixel values by 255"),
+        (np.concatenate([np.zeros((1, 224, 224, 3)), np.full((1, 224, 224, 3), 255.0)]), "from 0 to 255: divide"),
+        (np.full((1, 224, 224, 3), -0.5), "from -0.5 to -0.5"),
+        (np.full((1, 224, 224, 3), 1e31), "from 1e+31 to 1e+31"),
+    ],
+    ids=["0-255 pixels", "one image of two", "negative", "absurd"],
+)
+async def test_invocations_refuse_pixels_outside_0_1(
+    client: httpx.AsyncClient, pixels: np.ndarray, message: str
+) -> None:
+    """0-255 pixels would get a confident, meaningless answer: refused with what to do instead."""
+    response = await client.post(
+        "/invocations", content=orjson.dumps({"inputs": pixels.tolist()}), headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["error_code"] == "BAD_REQUEST"
+    assert error["message"].startswith("inputs must be pixel values in [0, 1]; this input has values ")
+    assert message in error["message"]
+    # The edges themselves, and float rounding of x / 255 just past them, are fine.
+    edges = np.zeros((1, 224, 224, 3), np.float32)
+    edges[0, 0, 0] = [1.0, 1.0000001, 0.0]
+    ok = await client.post("/invocations", content=orjson.dumps({"inputs": edges.tolist()}),
+                           headers={"content-type": "application/json"})  # fmt: skip
+    assert ok.status_code == 200, ok.text
 
 
 async def test_invocations_all_formats_agree(client: httpx.AsyncClient) -> None:
@@ -286,3 +325,33 @@ async def test_cors_closed_by_default(client: httpx.AsyncClient) -> None:
         "/predict", headers={"origin": "https://evil.example", "access-control-request-method": "POST"}
     )
     assert "access-control-allow-origin" not in response.headers
+
+
+async def test_started_where_no_model_was_registered_it_says_so_and_creates_nothing(
+    tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The embedded default tracking URI is relative: started from another folder, the API used to create an
+    empty MLflow database there and retry forever with MLflow's "not found"."""
+    import logging
+
+    from services.api.registry import MlflowSource
+    from shared.settings import RegistrySettings
+
+    elsewhere = tmp_path / "elsewhere"
+    registry = RegistrySettings(tracking_uri=f"sqlite:///{elsewhere}/var/mlflow.db")
+    settings = ApiSettings(registry=registry, prediction_log=False, retry_initial_s=0.05, retry_max_s=0.1)
+    caplog.set_level(logging.WARNING, logger="services.api.runtime")
+    app = create_app(settings, source=MlflowSource(registry))
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            for _ in range(100):
+                body = (await client.get("/health/ready")).json()
+                if body.get("last_error"):
+                    break
+                await asyncio.sleep(0.05)
+    assert body == {"status": "not ready", "reason": body["reason"], "last_error": "no_model_registered"}
+    message = next(r.getMessage() for r in caplog.records if "model refresh failed" in r.getMessage())
+    assert f"the registry at {registry.tracking_uri}, asked for dandelion-grass@champion, has no such model" in message
+    assert "the trainer has not registered one there yet" in message and str(elsewhere / "var") in message
+    assert not elsewhere.exists(), "the API created files where it was started"

@@ -173,12 +173,18 @@ async def test_shutdown_drains_the_queue(api_settings: ApiSettings, source) -> N
         await wait_ready(client)
         batcher = app.state.classifier.batcher
         source.gate.clear()  # the model stalls: the first pass holds, everything else queues behind it
-        pending = [asyncio.create_task(invoke(client, invocation(x))) for x in images()]
-        for _ in range(500):
-            if source.calls_per_batch and batcher._queue.qsize() == N - source.calls_per_batch[0]:
+        first, *rest = images()
+        pending = [asyncio.create_task(invoke(client, invocation(first)))]
+        for _ in range(3000):  # up to 30 s on a loaded machine: until the batcher holds it in a pass
+            if batcher._queue.qsize() == 0 and batcher._queue._unfinished_tasks == 1:
                 break
             await asyncio.sleep(0.01)
-        assert batcher._queue.qsize() > 0, "nothing queued: nothing to drain"
+        pending += [asyncio.create_task(invoke(client, invocation(x))) for x in rest]
+        for _ in range(3000):
+            if batcher._queue.qsize() == N - 1:
+                break
+            await asyncio.sleep(0.01)
+        assert batcher._queue.qsize() == N - 1, "the requests did not queue behind the held pass"
 
         shutdown = asyncio.create_task(manager.__aexit__(None, None, None))
         await asyncio.sleep(0.1)

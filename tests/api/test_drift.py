@@ -38,19 +38,23 @@ async def test_darkened_photos_move_the_gauge_and_normal_ones_do_not(reference: 
     source = FakeSource()
     source.metadata = {"drift_reference": reference.to_dict()}
     settings = ApiSettings(prediction_log=False, drift_window=150, drift_min_samples=100)
-    async with serving(settings, source) as (_, client):
+    async with serving(settings, source) as (app, client):
+        observed = app.state.classifier.drain  # inputs are described right after their answer
         for seed in range(150):  # new photos like the reference's: both classes, alternately
             label = ("grass", "dandelion")[seed % 2]
             await client.post("/predict", files={"file": ("p.jpg", crafted_jpeg(label, 5000 + seed))})
             if seed == 98:
+                await observed()
                 text = (await client.get("/metrics")).text
                 assert metric(text, "model_drift_window_samples") == 99
                 assert psi_by_feature(text) == {}  # too few inputs to say anything
+        await observed()
         normal = psi_by_feature((await client.get("/metrics")).text)
         assert set(normal) == set(DESCRIPTOR_COLUMNS)
         assert worst(normal)[1] < PSI_THRESHOLD, normal
         for seed in range(150):  # the window turns over: only darkened photos in it
             await client.post("/predict", files={"file": ("d.jpg", darkened_jpeg("grass", 7000 + seed))})
+        await observed()
         dark = psi_by_feature((await client.get("/metrics")).text)
     _, value = worst(dark)
     assert value > PSI_THRESHOLD, dark
@@ -60,9 +64,10 @@ async def test_darkened_photos_move_the_gauge_and_normal_ones_do_not(reference: 
 
 async def test_a_model_without_reference_exports_no_drift_but_still_the_confidence_share(tmp_path) -> None:
     settings = ApiSettings(prediction_log=False, drift_window=10, drift_min_samples=5, low_confidence_threshold=0.99)
-    async with serving(settings, FakeSource()) as (_, client):
+    async with serving(settings, FakeSource()) as (app, client):
         for seed in range(6):
             await client.post("/predict", files={"file": ("g.jpg", crafted_jpeg("grass", seed))})
+        await app.state.classifier.drain()
         text = (await client.get("/metrics")).text
     assert psi_by_feature(text) == {}
     assert metric(text, "model_drift_window_samples") == 6

@@ -76,6 +76,50 @@ def test_predict_real_photos_of_each_class(api: str, data_dir: Path) -> None:
             assert abs(sum(answer["probabilities"].values()) - 1) < 1e-5
 
 
+def other_images() -> dict[str, bytes]:
+    """Things people send that are neither dandelions nor grass."""
+    import io
+
+    from PIL import Image, ImageDraw
+    from skimage import data as samples
+
+    def png(image: Image.Image) -> bytes:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, "PNG")
+        return buffer.getvalue()
+
+    receipt = Image.new("RGB", (360, 480), "white")
+    draw = ImageDraw.Draw(receipt)
+    for line in range(24):
+        draw.text((16, 14 + 18 * line), f"ITEM {line:02d} ....... {line * 3.75:7.2f} EUR", fill="black")
+    return {
+        "receipt": png(receipt),
+        "a cat": png(Image.fromarray(samples.chelsea()).crop((100, 20, 400, 300))),
+        "a person": png(Image.fromarray(samples.astronaut()).crop((100, 0, 400, 300))),
+        "a flat blue screen": png(Image.new("RGB", (400, 300), (20, 60, 200))),
+    }
+
+
+def test_the_real_champion_says_when_a_photo_is_neither(api: str, data_dir: Path) -> None:
+    """Photos of both classes are in domain; other things are flagged, and still get a label (nothing hidden)."""
+    real = photos(data_dir, "dandelion", 10, seed=11) + photos(data_dir, "grass", 10, seed=12)
+    inside = []
+    for path in real:
+        answer = httpx.post(f"{api}/predict", files={"file": (path.name, path.read_bytes())}, timeout=60).json()
+        inside.append(answer["in_domain"])
+    assert sum(inside) >= 18, f"{20 - sum(inside)} of 20 real photos flagged as neither dandelion nor grass"
+    for name, data in other_images().items():
+        answer = httpx.post(f"{api}/predict", files={"file": (f"{name}.png", data)}, timeout=60).json()
+        assert answer["in_domain"] is False, (name, answer)
+        assert answer["label"] in ("dandelion", "grass") and answer["domain_distance"] > 0
+    # /invocations: MLflow's body, the verdicts in a header, in input order.
+    blank = np.ones((1, 224, 224, 3), np.float32)
+    x = np.concatenate([seed_inputs(data_dir, 1), blank])
+    response = post(api, {"inputs": x})
+    assert list(response.json()) == ["predictions"]
+    assert response.headers["x-in-domain"].split(",")[2] == "false"
+
+
 def test_model_endpoint_describes_the_champion(api: str, real_champion) -> None:
     _, result = real_champion
     info = httpx.get(f"{api}/model").json()

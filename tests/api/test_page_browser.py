@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 import httpx
 import pytest
+from PIL import Image
 
 try:
     from playwright.sync_api import Browser, Page, sync_playwright
@@ -42,7 +43,7 @@ SETTLED = "#results .card:not([data-state='pending'])"
 
 @pytest.fixture(scope="module")
 def photos(api: str, data_dir: Path) -> dict[str, Path]:
-    """For each class, the first photo (sorted) the model labels right with confidence >= 0.7.
+    """For each class, the first photo (sorted) the model labels right with confidence >= 0.7, in domain.
 
     So the browser test checks the page, not the model's accuracy (test_integration measures that).
     """
@@ -53,7 +54,7 @@ def photos(api: str, data_dir: Path) -> dict[str, Path]:
                 response = client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")})
                 assert response.status_code == 200, response.text
                 body = response.json()
-                if body["label"] == label and body["confidence"] >= 0.7:
+                if body["label"] == label and body["confidence"] >= 0.7 and body["in_domain"] is not False:
                     chosen[label] = path
                     break
             else:
@@ -93,8 +94,10 @@ def recorded() -> Recorded:
     return Recorded()
 
 
-def open_page(browser: Browser, api: str, recorded: Recorded, width: int = 1200, height: int = 900) -> Page:
-    page = browser.new_page(viewport={"width": width, "height": height})
+def open_page(
+    browser: Browser, api: str, recorded: Recorded, width: int = 1200, height: int = 900, **device: bool
+) -> Page:
+    page = browser.new_page(viewport={"width": width, "height": height}, **device)
     page.set_default_timeout(WAIT_MS)
     # Intercept file choosers from the start: Playwright turns interception on without waiting, so a chooser
     # opened right after ``expect_file_chooser`` may otherwise become a real (headless, never-closing) dialog.
@@ -248,7 +251,8 @@ def test_a_file_over_the_limit_is_refused_without_a_request(page: Page, recorded
 
 
 def test_keyboard_paste_and_drop(page: Page, photos: dict[str, Path], model: dict[str, str], recorded) -> None:
-    # Tab: the skip link first, then the drop zone; Enter opens the file picker.
+    # Tab: the skip link first, then the drop zone; Enter opens the file picker (as the hint says).
+    assert page.locator(".keyboard-hint").is_visible()
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.className") == "skip-link"
     page.keyboard.press("Tab")
@@ -293,9 +297,59 @@ def test_keyboard_paste_and_drop(page: Page, photos: dict[str, Path], model: dic
     assert page.evaluate("document.activeElement.id") == "dropzone"
 
 
+def unsure_photo(api: str, photos: dict[str, Path], path: Path) -> float:
+    """A blend of a real dandelion and a real grass photo that the model answers with about 60 % confidence
+    (bisection on the blend weight: the answer moves continuously from one class to the other); its confidence."""
+    with Image.open(photos["dandelion"]) as d, Image.open(photos["grass"]) as g:
+        dandelion, grass = d.convert("RGB").resize((224, 224)), g.convert("RGB").resize((224, 224))
+    low, high = 0.0, 1.0  # P(dandelion) is high at 0 (all dandelion), low at 1
+    with httpx.Client(base_url=api, timeout=60) as client:
+        for _ in range(12):
+            weight = (low + high) / 2
+            Image.blend(dandelion, grass, weight).save(path, "PNG")
+            body = client.post("/predict", files={"file": (path.name, path.read_bytes(), "image/png")}).json()
+            p_dandelion = body["probabilities"]["dandelion"]
+            if 0.55 <= body["confidence"] < 0.65 and body["in_domain"] is not False:
+                assert body["low_confidence"] is True
+                return body["confidence"]
+            low, high = (weight, high) if p_dandelion > 0.6 else (low, weight)
+    pytest.fail("no blend of the two photos got an answer between 55 % and 65 %")
+
+
+def test_an_unsure_answer_says_not_sure(page: Page, api: str, photos: dict[str, Path], tmp_path: Path, recorded):
+    path = tmp_path / "blend.png"
+    confidence = unsure_photo(api, photos, path)
+    page.set_input_files("#file", str(path))
+    settle(page, 1)
+    (card,) = cards(page)
+    assert card["state"] == "done" and card["verdict"] == f"Not sure: perhaps {card['label']}"
+    assert card["spoken"].endswith(f"{confidence * 100:.1f}% confidence")
+    assert page.eval_on_selector("#results .card", "c => c.dataset.unsure") == "true"
+    page.set_input_files("#file", str(photos["grass"]))  # a confident answer next to it looks different
+    settle(page, 2)
+    assert page.eval_on_selector("#results .card", "c => c.dataset.unsure") == "false"
+    page.screenshot(path=ARTIFACTS / "upload-page-unsure.png", full_page=True)
+
+
+def test_a_photo_of_something_else_is_called_neither(page: Page, tmp_path: Path, recorded) -> None:
+    from tests.api.test_integration import other_images
+
+    path = tmp_path / "cat.png"
+    path.write_bytes(other_images()["a cat"])
+    page.set_input_files("#file", str(path))
+    settle(page, 1)
+    (card,) = cards(page)
+    assert card["state"] == "done"
+    assert card["verdict"] == "This does not look like a photo of dandelions or grass"
+    assert card["spoken"].startswith(card["verdict"] + "; the model would say ")  # nothing hidden
+    assert [b["cls"] for b in card["bars"]] == CLASSES
+    assert page.eval_on_selector("#results .card", "c => c.dataset.outside") == "true"
+    page.screenshot(path=ARTIFACTS / "upload-page-neither.png", full_page=True)
+
+
 def test_phone_sized_screen(browser: Browser, api: str, photos: dict[str, Path], tmp_path: Path) -> None:
     recorded = Recorded()
-    page = open_page(browser, api, recorded, width=375, height=700)
+    page = open_page(browser, api, recorded, width=390, height=844, has_touch=True, is_mobile=True)
     try:
         notes = tmp_path / "notes.jpg"
         notes.write_text("not a photo")
@@ -305,10 +359,18 @@ def test_phone_sized_screen(browser: Browser, api: str, photos: dict[str, Path],
         widths = page.evaluate(
             "({scroll: document.documentElement.scrollWidth, client: document.documentElement.clientWidth})"
         )
-        assert widths["scroll"] <= widths["client"] == 375, f"the page scrolls sideways: {widths}"
+        assert widths["scroll"] <= widths["client"] == 390, f"the page scrolls sideways: {widths}"
         for selector in ("#dropzone", "#results .card"):
             box = page.locator(selector).first.bounding_box()
-            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375, selector
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, selector
+        # A phone has no Enter key to browse with and no Ctrl+V: the hint does not say so.
+        assert not page.locator(".keyboard-hint").is_visible()
+        assert "JPEG" in page.locator("#drop-hint").inner_text()
+        # The feedback buttons keep their words on one line: "No, it is dandelion" as tall as "Yes".
+        for feedback in page.locator("#results .card .feedback").all()[:2]:
+            yes, no = (button.bounding_box() for button in feedback.locator("button").all())
+            assert yes is not None and no is not None
+            assert abs(no["height"] - yes["height"]) < 1, f"a feedback button wraps: {no} vs {yes}"
         spilled = page.eval_on_selector_all(
             "#results .card",
             """cards => cards.flatMap(card => {

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.api.runtime import LiteRtForward, MlflowSource
+from services.api.forward import LiteRtForward
+from services.api.registry import MlflowSource
 from services.trainer.export import LITERT_FILE, ExportError, litert_model
 from shared.settings import RegistrySettings
 
@@ -107,7 +108,7 @@ def registry(keras_model, flatbuffer: bytes, tmp_path_factory) -> Iterator[Regis
 LOAD_IN_A_FRESH_PROCESS = """
 import json, sys
 import numpy as np
-from services.api.runtime import MlflowSource
+from services.api.registry import MlflowSource
 from shared.settings import RegistrySettings
 source = MlflowSource(RegistrySettings.model_validate_json(sys.argv[1]))
 model = source.load(*source.resolve())

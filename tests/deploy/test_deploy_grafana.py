@@ -48,6 +48,8 @@ CONTRACT_METRICS = {
     "model_input_drift_psi",
     "model_drift_window_samples",
     "model_low_confidence_share",
+    "model_out_of_domain_share",
+    "model_out_of_domain_total",
     "model_feedback_total",
     "model_live_accuracy",
     "model_live_accuracy_samples",
@@ -187,6 +189,8 @@ def test_required_panels(dashboard: dict[str, Any]) -> None:
         "Replicas ready": "model_ready",
         "Input drift (PSI) by feature": "model_input_drift_psi",
         "Low-confidence share": "model_low_confidence_share",
+        "Out-of-domain share": "model_out_of_domain_share",
+        "Out-of-domain inputs by version": "model_out_of_domain_total",
         "Live accuracy (feedback)": "model_live_accuracy",
         "Prediction log: written / dropped": "prediction_log_dropped_total",
     }

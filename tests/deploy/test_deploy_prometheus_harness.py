@@ -38,7 +38,7 @@ def _fake_api_registry(version: str) -> CollectorRegistry:
         duration.labels(handler, method).observe(0.08)
         duration.labels(handler, method).observe(0.3)
     requests.labels("/predict", "POST", "5xx").inc(1)
-    metrics.served(["dandelion", "grass", "grass"], [0.97, 0.88, 0.64])
+    metrics.served(["dandelion", "grass", "grass"], [0.97, 0.88, 0.64], version, [True, True, False])
     metrics.inference_seconds.observe(0.02)
     metrics.model_loaded("dandelion-grass", version, "champion", f"run-{version}")
     metrics.batch_size.observe(4)
@@ -54,8 +54,9 @@ def _fake_api_registry(version: str) -> CollectorRegistry:
     reference = Reference.build({c: rng.random(100) for c in DESCRIPTOR_COLUMNS})
     drift = DriftMonitor(window=50, min_samples=10)
     drift.set_reference({"drift_reference": reference.to_dict()}, "m")
-    for _ in range(20):
-        drift.observe(dict(zip(DESCRIPTOR_COLUMNS, rng.random(len(DESCRIPTOR_COLUMNS)).tolist(), strict=True)), 0.9)
+    for i in range(20):
+        descriptors = dict(zip(DESCRIPTOR_COLUMNS, rng.random(len(DESCRIPTOR_COLUMNS)).tolist(), strict=True))
+        drift.observe(descriptors, 0.9, in_domain=i % 10 != 0)
     registry.register(drift)
     return registry
 

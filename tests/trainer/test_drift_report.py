@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from services.trainer.cli import main
-from services.trainer.drift import drift_report, recent_predictions
+from services.trainer.drift import RecentPredictions, drift_report, recent_predictions
 from services.trainer.features import build_features
 from services.trainer.ingest import ingest
 from services.trainer.registry import connect
@@ -123,12 +123,13 @@ def test_report_table_png_and_psi(champion_env: TrainerSettings, capsys, tmp_pat
     assert main(["drift", "--quiet", "--window", str(DARK), "--out", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     print("\n" + "\n".join(lines))
-    header, columns, *table, verdict, written = lines
+    header, columns, *table, verdict, domain, written = lines
     assert header.startswith("drift: champion v1 (run ") and f"vs the last {DARK} predictions (" in header
     assert "reference from model metadata" in header
     assert columns.split() == ["feature", "ref", "mean", "ref", "std", "recent", "mean", "recent", "std", "PSI"]
     assert [line.split()[0] for line in table] == list(DESCRIPTOR_COLUMNS)
     assert written == f"drift: histograms written to {out}"
+    assert domain.startswith("out of domain: ")  # the crafted predictions were recorded without a score
 
     # PSI is shared.drift's, on the champion's stored reference, over exactly the window's rows.
     reference = stored_reference(settings)
@@ -167,7 +168,10 @@ def test_report_table_png_and_psi(champion_env: TrainerSettings, capsys, tmp_pat
     assert main(["drift", "--quiet", "--window", "20", "--out", str(tmp_path / "few.png")]) == 0
     few = capsys.readouterr().out.strip().splitlines()
     assert not [line for line in few if line.endswith("DRIFT")]
-    assert "not judged: 20 predictions, 100 needed" in few[-2]
+    assert "not judged: 20 predictions, 100 needed" in few[-3]
+    with Image.open(tmp_path / "few.png") as image:  # and the picture does not paint it red either
+        few_pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
+    assert np.all(np.abs(few_pixels - (0xFD, 0xEC, 0xEC)) <= 2, axis=1).sum() == 0
     assert highlighted > 10_000 * len(flagged), highlighted
     assert 30_000 < out.stat().st_size < 1_000_000
 
@@ -207,3 +211,11 @@ def test_a_champion_without_a_stored_reference_gets_it_rebuilt(champion: Trainer
     assert report.champion.reference == reference
     assert len(report.recent) == len(uploads)
     assert {f.name: f.psi for f in report.features} == reference.psi(report.recent.rows)
+
+
+def test_the_out_of_domain_share_counts_only_scored_predictions() -> None:
+    rows = np.zeros((5, len(DESCRIPTOR_COLUMNS)))
+    window = RecentPredictions(rows, None, None, np.array([1.0, 0.0, np.nan, 0.0, 1.0]))
+    assert window.domain_line().startswith("out of domain: 2 of 4 scored predictions (50.0%) were unlike")
+    unscored = RecentPredictions(rows, None, None, np.full(5, np.nan))
+    assert "no prediction in the window was scored" in unscored.domain_line()

@@ -144,7 +144,9 @@ def test_feedback_images_are_ingested_with_the_feedback_label(
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1, out  # only the feedback: --source was not given
     print(f"\n{out[0]}")
-    assert out[0].startswith("ingest (feedback): 3 new, 2 duplicate, rejected 1 unknown_label, 1 missing, 0 failed")
+    assert out[0].startswith(
+        "ingest (feedback): 3 new, 2 already stored, 1 rejected (1 unknown_label), 1 missing, 0 failed"
+    )
     assert "9 feedback rows" in out[0]
     assert "2 without a stored image (API_STORE_UPLOADS off, " in out[0]
     assert "1 disagree with the label already recorded" in out[0]
@@ -202,12 +204,12 @@ def test_no_feedback_is_not_an_error(cli_env: TrainerSettings, capsys: pytest.Ca
     asyncio.run(record(cli_env, [(row, key, None)]))
     assert main(["ingest", "--from-feedback", "--quiet"]) == 0
     (line,) = capsys.readouterr().out.strip().splitlines()
-    assert line.startswith("ingest (feedback): 0 new, 0 duplicate")
+    assert line.startswith("ingest (feedback): 0 new, 0 already stored")
     assert line.endswith("0 feedback rows")
 
     # Feedback exists, but the API kept no upload: the summary says why nothing was added.
     asyncio.run(record(cli_env, [], [(row.id, "dandelion")]))
     assert main(["ingest", "--from-feedback", "--quiet"]) == 0
     (line,) = capsys.readouterr().out.strip().splitlines()
-    assert line.startswith("ingest (feedback): 0 new, 0 duplicate")
+    assert line.startswith("ingest (feedback): 0 new, 0 already stored")
     assert "1 feedback row, 1 without a stored image (API_STORE_UPLOADS off, " in line

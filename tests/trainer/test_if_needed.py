@@ -45,7 +45,7 @@ class Stack:
     first_output: list[str]
 
 
-OUR_LINES = ("ingest", "if-needed:", "features:", "train:", "gate:")
+OUR_LINES = ("ingest", "if-needed:", "features:", "train:", "gate:", "done:", "  run ", "  reports ", "  browse ")
 
 
 def run_cli(*args: str) -> tuple[int, list[str]]:
@@ -96,6 +96,11 @@ def counts(settings: TrainerSettings) -> tuple[int, int]:
     return runs, asyncio.run(feature_sets())
 
 
+def mlflow_run_id(settings: TrainerSettings, version: str) -> str:
+    client = MlflowClient(settings.registry.tracking_uri)
+    return client.get_model_version(settings.registry.model_name, version).run_id
+
+
 def jpeg(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=92)
@@ -119,12 +124,16 @@ def record_predictions(uploads: list[bytes], settings: TrainerSettings, minutes:
 def test_without_a_champion_it_trains(stack: Stack) -> None:
     assert stack.first_code == 0, stack.first_output
     print("\n" + "\n".join(stack.first_output))
-    ingest_line, decision, features, train, gate = stack.first_output
+    ingest_line, decision, features, gate, done, run, reports, browse = stack.first_output
     assert ingest_line.startswith("ingest: 80 new")
     assert decision == "if-needed: training: no model holds the alias 'champion' yet (80 images ingested)"
     assert features.startswith("features: built") and " v1 " in features
-    assert train.startswith(f"train: {stack.settings.registry.model_name} v1")
-    assert gate.startswith("gate: PROMOTED")
+    assert gate.startswith("gate: v1 is now the champion: ")
+    assert done.startswith(f"done: {stack.settings.registry.model_name} v1 from feature set v1 in ")
+    assert "test accuracy" in done and "cross-validated" in done
+    assert run.split() == ["run", mlflow_run_id(stack.settings, "1")]
+    assert reports.startswith("  reports  ") and reports.split()[1].endswith("/artifacts/report/")
+    assert browse.startswith(f"  browse   {stack.settings.registry.tracking_uri}")
 
 
 def test_nothing_new_skips_without_building_or_training(stack: Stack) -> None:
@@ -138,8 +147,8 @@ def test_nothing_new_skips_without_building_or_training(stack: Stack) -> None:
         "if-needed: skipping: champion v1 is up to date: trained on the current 80 images; "
         "drift not judged: 0 predictions, 100 needed",
     ]
-    assert output[0].startswith("ingest: 0 new, 80 duplicate")
-    assert output[1].startswith("ingest (feedback): 0 new, 0 duplicate") and output[1].endswith("0 feedback rows")
+    assert output[0].startswith("ingest: 0 new, 80 already stored")
+    assert output[1].startswith("ingest (feedback): 0 new, 0 already stored") and output[1].endswith("0 feedback rows")
     assert counts(stack.settings) == before == (1, 1)
 
 
@@ -197,7 +206,9 @@ def test_new_images_train_then_a_rejected_model_is_not_retrained(stack: Stack, m
     )
     assert "> 0.25 over the last 120 predictions)" in output[1]
     assert output[2].startswith("features: built") and " v2 " in output[2]
-    assert output[-1].startswith("gate: NOT promoted: test accuracy") and "below the floor 1.0100" in output[-1]
+    gate = next(line for line in output if line.startswith("gate: "))
+    assert gate.startswith("gate: v2 NOT promoted, the champion stays: test accuracy"), output
+    assert "below the floor 1.0100" in gate
     assert counts(stack.settings) == (2, 2)
 
     # The same images (and the same drift) would give the same model: the next check waits for new images.

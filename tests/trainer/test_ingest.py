@@ -47,7 +47,7 @@ def test_folder_ingest_twice(stack_settings: TrainerSettings, data_dir: Path) ->
 
     second = asyncio.run(ingest(stack_settings, str(data_dir), progress=False))
     assert (second.new, second.duplicate) == (0, 320)
-    assert "0 new, 320 duplicate" in second.summary()
+    assert "0 new, 320 already stored" in second.summary()
     rows, keys = asyncio.run(table_and_bucket(stack_settings))
     assert len(rows) == 320 and len(keys) == 320
 

@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.pyfunc import scoring_server
 
+from services.trainer.export import run_litert
 from services.trainer.registry import Champion, decide
 from services.trainer.settings import TrainerSettings
 from services.trainer.train import train_and_register
@@ -29,7 +30,9 @@ def crafted_settings(
 
 
 @pytest.mark.slow
-def test_train_register_gate_and_serve_contract(crafted_settings: TrainerSettings, s3_endpoint: str) -> None:
+def test_train_register_gate_and_serve_contract(
+    crafted_settings: TrainerSettings, s3_endpoint: str, tmp_path: Path
+) -> None:
     settings = crafted_settings
     registry = settings.registry
     first = train_and_register(settings, progress=False)
@@ -60,8 +63,15 @@ def test_train_register_gate_and_serve_contract(crafted_settings: TrainerSetting
         "report/misclassified_test_images.png",
         "report/labels.json",
         "report/cross_validation.json",
+        "report/in_domain.json",
     } <= artifacts
     assert run.data.tags["gate.promoted"] == "true"
+    # "Neither": the figures of the in-domain score travel with the run too.
+    domain = first.domain
+    assert run.data.metrics["domain_cv_flagged"] == pytest.approx(domain.flagged)
+    assert run.data.metrics["domain_ood_caught"] == pytest.approx(domain.caught)
+    assert run.data.metrics["domain_ood_auroc"] == pytest.approx(domain.auroc) and domain.auroc > 0.8
+    assert run.data.metrics["domain_ood_images"] >= 150 and run.data.params["domain_k"] == str(settings.domain_k)
 
     # The model files are in the S3 artifact store.
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -77,6 +87,19 @@ def test_train_register_gate_and_serve_contract(crafted_settings: TrainerSetting
     assert probs.shape == (2, 2)
     assert [LABELS[i] for i in probs.argmax(axis=1)] == ["dandelion", "grass"]
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+    # The LiteRT export (what the API runs) answers the same probabilities plus one column, the in-domain
+    # distance, computed in the same pass; the metadata says where it is and where "too far" starts.
+    meta = pyfunc.metadata.metadata["in_domain"]
+    assert meta["score_column"] == len(LABELS) and meta["k"] == settings.domain_k
+    assert meta["threshold"] == pytest.approx(run.data.metrics["domain_threshold"])
+    local = Path(mlflow.artifacts.download_artifacts(f"{uri}", dst_path=str(tmp_path / "model")))
+    flatbuffer = next(local.rglob("model.tflite")).read_bytes()
+    blank = np.ones((1, *x.shape[1:]), np.float32)  # a white page: nothing like a lawn or a flower
+    out = run_litert(flatbuffer, np.concatenate([x, blank]))
+    assert out.shape == (3, len(LABELS) + 1)
+    np.testing.assert_allclose(out[:2, : len(LABELS)], probs, atol=1e-5)
+    assert (out[:2, -1] <= meta["threshold"]).all() and out[2, -1] > meta["threshold"], out[:, -1]
 
     # The seed's clients send {"inputs": [224 x 224 x 3 floats in [0, 1]]}: the scoring path accepts it.
     # This is the function behind `mlflow models serve`'s /invocations.

@@ -67,10 +67,10 @@ async def invocations(request: Request, classifier: ClassifierDep, settings: Set
     started = time.perf_counter()
     check_content_type(request.headers.get("content-type"))
     body = await read_body(request, settings.max_body_bytes)
-    content, model, ids = await classifier.invocations(body, started)
-    return Response(
-        content,
-        media_type="application/json",
-        # The body stays exactly MLflow's; the ids (for POST /feedback) travel in a header, in input order.
-        headers={"X-Model-Name": model.name, "X-Model-Version": model.version, "X-Prediction-Ids": ",".join(ids)},
-    )
+    content, model, ids, in_domain = await classifier.invocations(body, started)
+    # The body stays exactly MLflow's; the ids (for POST /feedback) and whether each input looks like the
+    # training photos travel in headers, in input order.
+    headers = {"X-Model-Name": model.name, "X-Model-Version": model.version, "X-Prediction-Ids": ",".join(ids)}
+    if in_domain is not None:
+        headers["X-In-Domain"] = ",".join("true" if flag else "false" for flag in in_domain)
+    return Response(content, media_type="application/json", headers=headers)

@@ -38,8 +38,9 @@ def safe_filename(name: str | None) -> str | None:
 EXAMPLE = {
     "id": "0f8e1c2a9b7d4e6f8a1b2c3d4e5f6a7b",
     "label": "dandelion",
-    "confidence": 0.97,
-    "probabilities": {"dandelion": 0.97, "grass": 0.03},
+    "confidence": 0.9712,
+    "low_confidence": False,
+    "probabilities": {"dandelion": 0.9712, "grass": 0.0288},
     "model": {"name": "dandelion-grass", "version": "3"},
     "filename": "photo.jpg",
 }

@@ -205,6 +205,8 @@
   function setPending(card) {
     card.dataset.state = "pending";
     delete card.dataset.label;
+    delete card.dataset.unsure;
+    delete card.dataset.outside;
     card.querySelector(".label").textContent = "Classifying…";
     card.querySelector(".confidence").textContent = "";
     card.querySelector(".bars").replaceChildren();
@@ -220,8 +222,19 @@
   function showResult(card, body, ms) {
     card.dataset.state = "done";
     card.dataset.label = body.label;
-    card.querySelector(".label").textContent = capitalize(body.label);
-    card.querySelector(".confidence").textContent = `, ${percent(body.confidence)} confidence`;
+    // A photo unlike every training photo gets no verdict, only the model's (shown) probabilities; below the
+    // server's low-confidence threshold the answer is a guess, and the card says so.
+    const outside = body.in_domain === false;
+    const unsure = !outside && body.low_confidence === true;
+    card.dataset.outside = String(outside);
+    card.dataset.unsure = String(unsure);
+    let verdict = capitalize(body.label);
+    if (outside) verdict = "This does not look like a photo of dandelions or grass";
+    else if (unsure) verdict = `Not sure: perhaps ${body.label}`;
+    card.querySelector(".label").textContent = verdict;
+    card.querySelector(".confidence").textContent = outside
+      ? `; the model would say ${body.label}, ${percent(body.confidence)}`
+      : `, ${percent(body.confidence)} confidence`;
 
     const bars = card.querySelector(".bars");
     const classes = Object.keys(body.probabilities || {}).sort(
@@ -318,6 +331,8 @@
   function showError(card, title, text, prefix, ms, retryFile) {
     card.dataset.state = "error";
     delete card.dataset.label;
+    delete card.dataset.unsure;
+    delete card.dataset.outside;
     card.querySelector(".label").textContent = title;
     card.querySelector(".confidence").textContent = "";
     card.querySelector(".bars").replaceChildren();
