@@ -187,6 +187,10 @@ def test_application_environment(resolved: dict[str, Any]) -> None:
     for name in ("api", "api-2"):
         assert services[name]["build"]["target"] == "api"
         assert services[name]["environment"]["API_PORT"] == "8000"
+        assert "command" not in services[name], "the image's CMD reads API_PORT: no second port setting"
+    for name in ("api", "api-2", "trainer", "mlflow"):  # every build can take a local base image
+        assert services[name]["build"]["args"]["PYTHON_IMAGE"] == "python:3.11-slim-bookworm", name
+    assert "utf8mb4_unicode_ci" in " ".join(services["mysql"]["command"])  # MySQL 8 and MariaDB both know it
     mlflow_env = services["mlflow"]["environment"]
     assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith("mysql+pymysql://")
     assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].endswith("@mysql:3306/mlflow")

@@ -65,11 +65,18 @@ def test_app_dockerfile() -> None:
     assert "/health/live" in api
     assert "urllib.request" in api
     assert "EXPOSE 8000" in api
-    assert '"services.api", "--host", "0.0.0.0", "--port", "8000"' in api
+    # One source of truth for the port: API_PORT, for the server and for its health check alike.
+    assert 'CMD ["python", "-m", "services.api"]' in api and "--port" not in api
+    assert "API_PORT=8000" in api and "os.environ.get('API_PORT', '8000')" in api
     trainer = "\n".join(stages["trainer"])
     assert "COPY --from=build-trainer /opt/venv /opt/venv" in trainer
     assert 'ENTRYPOINT ["python", "-m", "services.trainer"]' in trainer
     assert 'CMD ["run"]' in trainer
+    assert "GIT_PYTHON_REFRESH=quiet" in trainer  # no git in the image: MLflow's GitPython stays quiet
+    text = APP_DOCKERFILE.read_text(encoding="utf-8")
+    # A BuildKit frontend from Docker Hub would make every build without a registry fail; uid 10001 is not a
+    # system uid (useradd --system warned).
+    assert "# syntax=" not in text and "--system" not in text
 
 
 def test_mlflow_dockerfile() -> None:

@@ -7,8 +7,8 @@ set -euo pipefail
 : "${MYSQL_ROOT_PASSWORD:?}" "${MYSQL_USER:?}"
 
 MYSQL_PWD="${MYSQL_ROOT_PASSWORD}" mysql --protocol=socket -uroot <<SQL
-CREATE DATABASE IF NOT EXISTS \`dandelion\` CHARACTER SET utf8mb4 COLLATE utf8mb4_0900_ai_ci;
-CREATE DATABASE IF NOT EXISTS \`mlflow\` CHARACTER SET utf8mb4 COLLATE utf8mb4_0900_ai_ci;
+CREATE DATABASE IF NOT EXISTS \`dandelion\` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
+CREATE DATABASE IF NOT EXISTS \`mlflow\` CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
 GRANT ALL PRIVILEGES ON \`dandelion\`.* TO '${MYSQL_USER}'@'%';
 GRANT ALL PRIVILEGES ON \`mlflow\`.* TO '${MYSQL_USER}'@'%';
 FLUSH PRIVILEGES;
