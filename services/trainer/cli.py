@@ -85,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "Creating initial MLflow database tables...", ...
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    for noisy in ("botocore", "aiobotocore", "httpx", "urllib3", "alembic", "mlflow", "absl", "tensorflow"):
+    noisy_libraries = ("botocore", "aiobotocore", "httpx", "urllib3", "alembic", "mlflow", "absl", "tensorflow")
+    for noisy in (*noisy_libraries, "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = TrainerSettings()
     if getattr(args, "seed", None) is not None:
