@@ -19,10 +19,19 @@ class DatabaseError(RuntimeError):
     """The metadata database could not be reached or refused a write."""
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (``sqlite:///var/x.db``, ``sqlite+aiosqlite:////abs/x.db``); None for
+    any other database, and for an in-memory one."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
 def create_engine(settings: DatabaseSettings) -> AsyncEngine:
-    url = make_url(settings.url.get_secret_value())
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    url = settings.url.get_secret_value()
+    if (database := sqlite_file(url)) is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
         return create_async_engine(url, echo=settings.echo)
     return create_async_engine(url, echo=settings.echo, pool_pre_ping=True, pool_recycle=1800)
 

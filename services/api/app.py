@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +29,7 @@ from services.api.routes import docs, feedback, health, invocations, model, page
 from services.api.runtime import LoadedModel, ModelRuntime, ModelSource
 from services.api.service import Classifier
 from services.api.settings import ApiSettings
+from shared.db import sqlite_file
 from shared.images import ImageLimits
 
 log = logging.getLogger(__name__)
@@ -166,9 +166,8 @@ def _prediction_log(settings: ApiSettings, metrics: ApiMetrics) -> PredictionLog
             ", and (uploads are kept) adds training photos" if settings.store_uploads else "",
             f"limited to {settings.feedback_rate_per_minute:g}" if settings.feedback_rate_per_minute else "not limited",
         )
-    url = settings.database.url.get_secret_value()
-    if url.startswith("sqlite") and ":///" in url and ":memory:" not in url:  # say where, in case it is not meant
-        log.info("prediction log: %s", Path(url.split(":///", 1)[1].split("?", 1)[0]).resolve())
+    if (database := sqlite_file(settings.database.url.get_secret_value())) is not None:
+        log.info("prediction log: %s", database.resolve())  # say where, in case it is not where it was meant
     return PredictionLog(
         settings.database,
         metrics,

@@ -17,6 +17,7 @@ import numpy as np
 
 from services.api.forward import compile_forward, litert_forward
 from services.api.runtime import LITERT_FILE, LoadedModel, Runtime
+from shared.db import sqlite_file
 from shared.labels import LABELS
 from shared.settings import RegistrySettings
 
@@ -126,7 +127,7 @@ class MlflowSource:
     def resolve(self) -> tuple[str, str]:
         if self.rest is not None:
             return self.rest.resolve()
-        if (database := _sqlite_file(self.settings.tracking_uri)) is not None and not database.exists():
+        if (database := sqlite_file(self.settings.tracking_uri)) is not None and not database.exists():
             # MLflow's client would create an empty database here (and its folder) and then look in it.
             raise RegistryError(
                 f"RESOURCE_DOES_NOT_EXIST: no MLflow database at {database.resolve()} (relative paths start in "
@@ -206,14 +207,6 @@ class MlflowSource:
             runtime=runtime,
             domain_threshold=threshold,
         )
-
-
-def _sqlite_file(tracking_uri: str) -> Path | None:
-    """The database file of a ``sqlite:///path`` tracking URI (None for anything else, in-memory included)."""
-    prefix = "sqlite:///"
-    if not tracking_uri.startswith(prefix) or tracking_uri.endswith(":memory:"):
-        return None
-    return Path(tracking_uri.removeprefix(prefix).split("?", 1)[0])
 
 
 def _no_export(version: str) -> RuntimeError:

@@ -55,12 +55,11 @@ class _Observation:
     in_domain: bool | None = None
 
 
-def _domain(distances: np.ndarray | None, model: LoadedModel) -> tuple[float | None, bool | None]:
-    """The first input's in-domain distance and verdict (both None when the model has no in-domain score)."""
-    if distances is None or model.domain_threshold is None:
+def _domain(distance: float | None, model: LoadedModel) -> tuple[float | None, bool | None]:
+    """An input's in-domain distance and verdict (both None when the model has no in-domain score)."""
+    if distance is None or model.domain_threshold is None:
         return None, None
-    distance = float(distances[0])
-    return distance, distance <= model.domain_threshold
+    return float(distance), float(distance) <= model.domain_threshold
 
 
 class Classifier:
@@ -121,7 +120,7 @@ class Classifier:
         answers, observations = [], []
         for upload, image, (probs, distances, model) in zip(uploads, loaded, results, strict=True):
             label, confidence, per_class = labels.decode(probs, model.labels)[0]
-            distance, in_domain = _domain(distances, model)
+            distance, in_domain = _domain(None if distances is None else distances[0], model)
             self.metrics.served([label], [confidence], model.version, None if in_domain is None else [in_domain])
             prediction_id = uuid.uuid4().hex
             stored = upload.data if self.predlog is not None and self.predlog.stores_uploads else None
@@ -160,7 +159,7 @@ class Classifier:
         probs, distances, model = await self._predict(x)
         latency_ms = (time.perf_counter() - started) * 1000
         decoded = labels.decode(probs, model.labels)
-        domain = [_domain(None if distances is None else distances[i : i + 1], model) for i in range(len(x))]
+        domain = [_domain(None if distances is None else distances[i], model) for i in range(len(x))]
         flags = None if distances is None else [bool(in_domain) for _, in_domain in domain]
         self.metrics.served([d[0] for d in decoded], [d[1] for d in decoded], model.version, flags)
         observations = [

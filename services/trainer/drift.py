@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from sqlalchemy import select
 
+from services.trainer.indomain import FLAG_RATE
 from services.trainer.settings import TrainerSettings
 from shared.db import open_database
 from shared.descriptors import DESCRIPTOR_COLUMNS
@@ -147,7 +148,7 @@ class RecentPredictions:
         n = int(scored.sum())
         return (
             f"out of domain: {n} of {len(scored)} scored predictions ({n / len(scored):.1%}) were unlike the "
-            "training photos (about 2.5 % of real dandelion/grass photos are, by design)"
+            f"training photos (about {FLAG_RATE:.1%} of real dandelion/grass photos are, by design)"
         )
 
     def span(self) -> str:
