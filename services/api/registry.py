@@ -112,6 +112,7 @@ class MlflowSource:
         # seven retries per call would hide an outage for minutes. Explicit settings still win.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one log line per load is enough
         if settings.s3_endpoint_url:
             os.environ["MLFLOW_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
 
@@ -164,7 +165,7 @@ class MlflowSource:
 
     def _load_with_mlflow(self, version: str, run_id: str) -> LoadedModel:
         import mlflow
-        from mlflow.models import Model
+        import yaml
         from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 
         uri = f"models:/{self.settings.model_name}/{version}"
@@ -173,19 +174,21 @@ class MlflowSource:
         repo = ModelsArtifactRepository(uri, tracking_uri=tracking_uri, registry_uri=tracking_uri)
         with tempfile.TemporaryDirectory(prefix="model-") as tmp:
             # MLmodel first: with a LiteRT export, that one file is all that is downloaded besides it.
-            meta = Model.load(repo.download_artifacts("MLmodel", dst_path=tmp))
-            litert = litert_path(meta.flavors or {}) if self.runtime != "tensorflow" else None
+            # Read as YAML, not with mlflow.models.Model: that one imports pandas, which the API image leaves out.
+            meta = yaml.safe_load(Path(repo.download_artifacts("MLmodel", dst_path=tmp)).read_text())
+            litert = litert_path(meta.get("flavors") or {}) if self.runtime != "tensorflow" else None
             if litert is not None:
                 flatbuffer = Path(repo.download_artifacts(litert, dst_path=tmp)).read_bytes()
                 forward, runtime = litert_forward(flatbuffer, self.threads), "litert"
             elif self.runtime == "litert":
                 raise _no_export(version)
             else:
+                _require_tensorflow(version)
                 import mlflow.tensorflow
 
                 path = mlflow.artifacts.download_artifacts(uri, dst_path=f"{tmp}/all", tracking_uri=tracking_uri)
                 forward, runtime = compile_forward(mlflow.tensorflow.load_model(path)), "tensorflow"
-        return self._model(version, run_id, forward, runtime, meta.metadata)
+        return self._model(version, run_id, forward, runtime, meta.get("metadata"))
 
     def _model(
         self, version: str, run_id: str, forward: Callable[[np.ndarray], np.ndarray], runtime: str, metadata
@@ -211,6 +214,18 @@ class MlflowSource:
 
 def _no_export(version: str) -> RuntimeError:
     return RuntimeError(f"version {version} has no LiteRT export ({LITERT_FILE}) and API_RUNTIME is 'litert'")
+
+
+def _require_tensorflow(version: str) -> None:
+    """A version without the LiteRT export needs TensorFlow, which the serving image does not carry."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is None:
+        raise RuntimeError(
+            f"version {version} has no LiteRT export ({LITERT_FILE}) and TensorFlow is not installed here (the "
+            "API image serves LiteRT exports only): register a new version with this project's trainer, which "
+            "exports one, or run the API where TensorFlow is installed (pip install '.[api,trainer]')"
+        )
 
 
 def litert_path(flavors: dict[str, Any]) -> str | None:

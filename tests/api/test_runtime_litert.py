@@ -150,3 +150,17 @@ def test_tensorflow_runs_a_version_without_the_export_and_on_request(registry: R
         np.testing.assert_allclose(model.forward(x), expected, atol=1e-5, rtol=0)
     with pytest.raises(RuntimeError, match="no LiteRT export"):
         MlflowSource(registry, runtime="litert").load("2", "run")
+
+
+def test_a_version_without_the_export_where_tensorflow_is_missing_says_what_to_do(
+    registry: RegistrySettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As in the API image, which carries no TensorFlow: the version is refused with the way out, not an ImportError.
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    without_tensorflow = lambda name, *a: None if name == "tensorflow" else find_spec(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", without_tensorflow)
+    with pytest.raises(RuntimeError, match=r"version 2 has no LiteRT export .* TensorFlow is not installed here"):
+        MlflowSource(registry, runtime="auto").load("2", "run")
+    assert MlflowSource(registry, runtime="auto").load("1", "run").runtime == "litert"

@@ -124,10 +124,12 @@ def test_services_and_healthchecks(resolved: dict[str, Any]) -> None:
         "prometheus",
         "grafana",
     }
-    for name in ("mysql", "minio", "mlflow", "api", "api-2", "prometheus", "grafana"):
+    for name in ("mysql", "minio", "mlflow", "prometheus", "grafana"):
         assert services[name]["healthcheck"]["test"], name
     assert services["mysql"]["image"].startswith("mysql:8")
-    assert "/health/live" in " ".join(services["api"]["healthcheck"]["test"])
+    # The API replicas use their image's HEALTHCHECK, which reads API_PORT (tests/deploy/test_deploy_docker.py):
+    # an override here would fix a port again.
+    assert "healthcheck" not in services["api"] and "healthcheck" not in services["api-2"]
     assert "/health" in " ".join(services["mlflow"]["healthcheck"]["test"])
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,36 @@ def test_dockerignore() -> None:
 def test_mysql_init_script_is_valid_bash() -> None:
     for script in sorted((REPO_ROOT / "docker" / "mysql" / "initdb").glob("*.sh")):
         run_tool(["bash", "-n", str(script)])
+
+
+def _requirements(*extras: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "docker" / "requirements.py"), str(REPO_ROOT / "pyproject.toml"), *extras],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.split()
+
+
+def test_the_images_install_the_dependencies_before_the_source() -> None:
+    stages = _stages(APP_DOCKERFILE)
+    for target in ("api", "trainer"):
+        lines = stages[f"build-{target}"]
+        install = next(i for i, line in enumerate(lines) if f"requirements.py pyproject.toml {target}" in line)
+        first_source = next(i for i, line in enumerate(lines) if line.startswith(("COPY shared", "COPY services")))
+        assert install < first_source, target
+        assert any("--no-deps" in line for line in lines[first_source:]), target
+    # Nothing but the dependency list and its pins comes before that layer in the shared build stage.
+    copies = [line for line in stages["build-base"] if line.startswith("COPY")]
+    assert copies == ["COPY pyproject.toml constraints.txt docker/requirements.py ./"]
+
+
+def test_the_serving_requirements_leave_tensorflow_and_the_mlflow_server_out() -> None:
+    api = {re.split(r"[<>=\[ ]", line)[0].lower() for line in _requirements("api")}
+    trainer = {re.split(r"[<>=\[ ]", line)[0].lower() for line in _requirements("trainer")}
+    dev = {re.split(r"[<>=\[ ]", line)[0].lower() for line in _requirements("dev")}
+    assert {"ai-edge-litert", "fastapi", "mlflow-skinny"} <= api
+    assert not api & {"tensorflow", "tensorflow-cpu", "mlflow", "pyarrow", "pandas", "scikit-learn"}
+    assert {"tensorflow-cpu", "mlflow", "pyarrow"} <= trainer
+    assert api | trainer <= dev and "dandelion-grass" not in dev  # the project's own extras, expanded
