@@ -11,11 +11,13 @@ if [[ ${1:-} == mysqld || ${1:-} == mariadbd ]]; then
   done
   if [[ ! -d /var/lib/mysql/mysql ]]; then
     : "${MYSQL_ROOT_PASSWORD:?}"
-    mariadb-install-db --user=mysql --datadir=/var/lib/mysql --auth-root-authentication-method=normal >/dev/null
+    mariadb-install-db --user=mysql --datadir=/var/lib/mysql --auth-root-authentication-method=normal --skip-test-db >/dev/null
     mariadbd --user=mysql --skip-networking --socket=/run/mysqld/mysqld.sock "$@" &
     pid=$!
     for _ in $(seq 60); do mariadb-admin --socket=/run/mysqld/mysqld.sock ping >/dev/null 2>&1 && break; sleep 1; done
+    # As the mysql image: no anonymous accounts (''@localhost would shadow MYSQL_USER@'%' on 127.0.0.1).
     mariadb --protocol=socket -uroot <<SQL
+DELETE FROM mysql.global_priv WHERE User = '';
 ALTER USER 'root'@'localhost' IDENTIFIED BY '${MYSQL_ROOT_PASSWORD}';
 CREATE USER IF NOT EXISTS 'root'@'%' IDENTIFIED BY '${MYSQL_ROOT_PASSWORD}';
 GRANT ALL PRIVILEGES ON *.* TO 'root'@'%' WITH GRANT OPTION;
