@@ -183,7 +183,7 @@ class MlflowSource:
             elif self.runtime == "litert":
                 raise _no_export(version)
             else:
-                _require_tensorflow(version)
+                _require_tensorflow(version, self.runtime)
                 import mlflow.tensorflow
 
                 path = mlflow.artifacts.download_artifacts(uri, dst_path=f"{tmp}/all", tracking_uri=tracking_uri)
@@ -216,16 +216,19 @@ def _no_export(version: str) -> RuntimeError:
     return RuntimeError(f"version {version} has no LiteRT export ({LITERT_FILE}) and API_RUNTIME is 'litert'")
 
 
-def _require_tensorflow(version: str) -> None:
-    """A version without the LiteRT export needs TensorFlow, which the serving image does not carry."""
+def _require_tensorflow(version: str, runtime: Runtime) -> None:
+    """A version without the LiteRT export (or API_RUNTIME=tensorflow) needs TensorFlow, which the API image
+    does not carry."""
     import importlib.util
 
-    if importlib.util.find_spec("tensorflow") is None:
-        raise RuntimeError(
-            f"version {version} has no LiteRT export ({LITERT_FILE}) and TensorFlow is not installed here (the "
-            "API image serves LiteRT exports only): register a new version with this project's trainer, which "
-            "exports one, or run the API where TensorFlow is installed (pip install '.[api,trainer]')"
-        )
+    if importlib.util.find_spec("tensorflow") is not None:
+        return
+    why = "API_RUNTIME is 'tensorflow'" if runtime == "tensorflow" else f"it has no LiteRT export ({LITERT_FILE})"
+    raise RuntimeError(
+        f"version {version} needs TensorFlow ({why}) and TensorFlow is not installed here (the API image serves "
+        "LiteRT exports only): register a new version with this project's trainer, which exports one, or run the "
+        "API where TensorFlow is installed (pip install -c constraints.txt '.[api,trainer]')"
+    )
 
 
 def litert_path(flavors: dict[str, Any]) -> str | None:

@@ -161,6 +161,8 @@ def test_a_version_without_the_export_where_tensorflow_is_missing_says_what_to_d
     find_spec = importlib.util.find_spec
     without_tensorflow = lambda name, *a: None if name == "tensorflow" else find_spec(name, *a)  # noqa: E731
     monkeypatch.setattr(importlib.util, "find_spec", without_tensorflow)
-    with pytest.raises(RuntimeError, match=r"version 2 has no LiteRT export .* TensorFlow is not installed here"):
+    with pytest.raises(RuntimeError, match=r"version 2 needs TensorFlow \(it has no LiteRT export .* not installed"):
         MlflowSource(registry, runtime="auto").load("2", "run")
+    with pytest.raises(RuntimeError, match=r"version 1 needs TensorFlow \(API_RUNTIME is 'tensorflow'\)"):
+        MlflowSource(registry, runtime="tensorflow").load("1", "run")
     assert MlflowSource(registry, runtime="auto").load("1", "run").runtime == "litert"

@@ -57,6 +57,12 @@ class Docker:
     def state(self, container: str) -> dict:
         return json.loads(self("inspect", "-f", "{{json .State}}", container).stdout)
 
+    def remove(self, container: str) -> None:
+        """Remove one container, by id (killed if it still runs)."""
+        self("rm", "-f", "-v", container, check=False)
+        if container in self.started:
+            self.started.remove(container)
+
     def cleanup(self) -> None:
         """Remove what this run started, by id (and anything else that carries this run's label)."""
         labelled = self("ps", "-aq", "--filter", f"label={LABEL}={self.run_id}", check=False).stdout.split()
@@ -73,12 +79,14 @@ class Images:
     docker: str
     tags: dict[str, str] = field(default_factory=dict)
 
+    revision: str = "unknown"
+
     @classmethod
     def from_manifest(cls, path: Path = MANIFEST) -> Images | None:
         if not path.exists():
             return None
         manifest = json.loads(path.read_text())
-        return cls(docker=manifest["docker"], tags=manifest["images"])
+        return cls(docker=manifest["docker"], tags=manifest["images"], revision=manifest.get("revision", "unknown"))
 
 
 def wait_for(check, timeout: float, what: str, interval: float = 0.5):
@@ -89,6 +97,8 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.5):
         try:
             if value := check():
                 return value
+        except AssertionError:  # a verdict (say, the container exited), not a reason to wait longer
+            raise
         except Exception as exc:  # the last one is reported when time runs out
             last = exc
         time.sleep(interval)

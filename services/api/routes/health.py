@@ -45,4 +45,14 @@ async def ping(runtime: RuntimeDep) -> Response:
 
 @router.get("/version", summary="The MLflow version, as MLflow's scoring server answers")
 async def version() -> Response:
-    return Response(content=metadata.version("mlflow"), media_type="application/json")
+    return Response(content=mlflow_version(), media_type="application/json")
+
+
+def mlflow_version() -> str:
+    """MLflow's version: the full distribution's where it is installed, else its client's (the API image)."""
+    for distribution in ("mlflow", "mlflow-skinny"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+    return "unknown"
