@@ -58,6 +58,7 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
             poll_interval_s=settings.poll_interval_s,
             retry_initial_s=settings.retry_initial_s,
             retry_max_s=settings.retry_max_s,
+            no_model_retry_s=settings.no_model_retry_s,
         )
         batcher = Batcher(runtime, metrics, settings.max_batch_size, settings.max_batch_wait_ms / 1000)
         limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)

@@ -106,12 +106,16 @@ class ModelRuntime:
         poll_interval_s: float,
         retry_initial_s: float = 1.0,
         retry_max_s: float = 30.0,
+        no_model_retry_s: float = 5.0,
     ) -> None:
         self.source = source
         self.metrics = metrics
         self.poll_interval_s = poll_interval_s
         self.retry_initial_s = retry_initial_s
         self.retry_max_s = retry_max_s
+        self.no_model_retry_s = no_model_retry_s
+        """The longest wait while the registry answers that nothing is registered yet: the trainer is still at
+        work (a stack's first start), and asking again costs the registry one small request."""
         self.current: LoadedModel | None = None
         self.last_error: str | None = None
         """The last refresh failure in full: for the log and the operator, never for a client."""
@@ -139,13 +143,14 @@ class ModelRuntime:
                     self.metrics.load_failures.inc()
                     self.last_error = f"{type(exc).__name__}: {exc}"[:500]
                     self.last_error_kind = failure_kind(exc)
+                    wait = min(delay, self.no_model_retry_s) if self.last_error_kind == "no_model_registered" else delay
                     log.warning(
                         "model refresh failed (%s); %s",
                         self._explain(exc),
-                        "keeping the current model" if self.current else f"retrying in {delay:.1f} s",
+                        "keeping the current model" if self.current else f"retrying in {wait:.1f} s",
                     )
                     if self.current is None:
-                        await asyncio.sleep(delay)
+                        await asyncio.sleep(wait)
                         delay = min(delay * 2, self.retry_max_s)
                         continue
                 else:

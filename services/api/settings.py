@@ -32,6 +32,8 @@ class ApiSettings(BaseSettings):
     retry_initial_s: float = 1.0
     retry_max_s: float = 30.0
     """Backoff bounds while no model could be loaded yet (registry down, alias missing)."""
+    no_model_retry_s: float = 5.0
+    """The backoff's bound while the registry answers that no model is registered under the alias yet."""
 
     runtime: Literal["auto", "litert", "tensorflow"] = "auto"
     """What runs the model: ``auto`` takes the version's LiteRT export when it has one (no TensorFlow in the

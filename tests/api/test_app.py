@@ -280,6 +280,73 @@ async def test_not_ready_until_the_registry_answers(api_settings: ApiSettings) -
         assert (await c.post("/predict", files={"file": ("a.png", YELLOW)})).status_code == 200
 
 
+async def _until(condition, seconds: float = 10) -> None:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError("the condition did not hold in time")
+
+
+class _NotYetRegistered(FakeSource):
+    """The registry answers, but nothing is registered under the alias until ``registered``; then it serves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registered = False
+        self.answers = 0
+
+    def resolve(self) -> tuple[str, str]:
+        self.answers += 1
+        if self.fail:
+            raise ConnectionError("registry unreachable")
+        if not self.registered:
+            raise RuntimeError("RESOURCE_DOES_NOT_EXIST: Registered model alias champion not found.")
+        return super().resolve()
+
+
+async def test_while_nothing_is_registered_yet_the_replica_asks_again_soon(caplog: pytest.LogCaptureFixture) -> None:
+    # A stack's first start: the trainer is still at work. The backoff stops growing at no_model_retry_s, so a
+    # replica is ready soon after the promotion instead of up to retry_max_s later; an unreachable registry
+    # still backs off to retry_max_s.
+    import logging
+    import re
+
+    from services.api.metrics import ApiMetrics
+    from services.api.runtime import ModelRuntime
+
+    caplog.set_level(logging.WARNING, logger="services.api.runtime")
+    source = _NotYetRegistered()
+    runtime = ModelRuntime(source, ApiMetrics(), 60, retry_initial_s=0.1, retry_max_s=100, no_model_retry_s=0.2)
+
+    def waits() -> list[float]:
+        found = [re.search(r"retrying in ([\d.]+) s", r.getMessage()) for r in caplog.records]
+        return [float(m.group(1)) for m in found if m]
+
+    task = asyncio.create_task(runtime.run())
+    try:
+        await _until(lambda: source.answers >= 5)
+        assert waits()[:4] == [0.1, 0.2, 0.2, 0.2]  # not 0.4, 0.8: the bound for "nothing registered yet"
+        assert runtime.last_error_kind == "no_model_registered"
+        source.registered = True
+        await _until(lambda: runtime.ready)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    caplog.clear()
+    source = _NotYetRegistered()
+    source.fail = True
+    runtime = ModelRuntime(source, ApiMetrics(), 60, retry_initial_s=0.1, retry_max_s=100, no_model_retry_s=0.1)
+    task = asyncio.create_task(runtime.run())
+    try:
+        await _until(lambda: source.answers >= 4)
+        assert waits()[:3] == [0.1, 0.2, 0.4]  # unreachable: the full backoff
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_new_version_swapped_in_without_failures(client: httpx.AsyncClient, source: FakeSource) -> None:
     async def hammer(n: int) -> list[tuple[int, str]]:
         out = []
