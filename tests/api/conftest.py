@@ -34,6 +34,17 @@ def api_settings(tmp_path) -> ApiSettings:
     )
 
 
+async def eventually(condition, timeout_s: float = 10.0, interval_s: float = 0.01) -> None:
+    """Wait, on the event loop, until ``condition()`` is true; TimeoutError after ``timeout_s``."""
+    import asyncio
+
+    for _ in range(int(timeout_s / interval_s)):
+        if condition():
+            return
+        await asyncio.sleep(interval_s)
+    raise TimeoutError("condition not met")
+
+
 async def wait_ready(client: httpx.AsyncClient, timeout: float = 5.0) -> None:
     import asyncio
 

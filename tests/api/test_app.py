@@ -14,7 +14,7 @@ from PIL import Image
 
 from services.api.app import create_app
 from services.api.settings import ApiSettings
-from tests.api.conftest import wait_ready
+from tests.api.conftest import eventually, wait_ready
 from tests.api.fakes import FakeSource, yellowness
 from tests.crafted import crafted_jpeg
 
@@ -280,14 +280,6 @@ async def test_not_ready_until_the_registry_answers(api_settings: ApiSettings) -
         assert (await c.post("/predict", files={"file": ("a.png", YELLOW)})).status_code == 200
 
 
-async def _until(condition, seconds: float = 10) -> None:
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise TimeoutError("the condition did not hold in time")
-
-
 class _NotYetRegistered(FakeSource):
     """The registry answers, but nothing is registered under the alias until ``registered``; then it serves."""
 
@@ -325,11 +317,11 @@ async def test_while_nothing_is_registered_yet_the_replica_asks_again_soon(caplo
 
     task = asyncio.create_task(runtime.run())
     try:
-        await _until(lambda: source.answers >= 5)
+        await eventually(lambda: source.answers >= 5)
         assert waits()[:4] == [0.1, 0.2, 0.2, 0.2]  # not 0.4, 0.8: the bound for "nothing registered yet"
         assert runtime.last_error_kind == "no_model_registered"
         source.registered = True
-        await _until(lambda: runtime.ready)
+        await eventually(lambda: runtime.ready)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -340,7 +332,7 @@ async def test_while_nothing_is_registered_yet_the_replica_asks_again_soon(caplo
     runtime = ModelRuntime(source, ApiMetrics(), 60, retry_initial_s=0.1, retry_max_s=100, no_model_retry_s=0.1)
     task = asyncio.create_task(runtime.run())
     try:
-        await _until(lambda: source.answers >= 4)
+        await eventually(lambda: source.answers >= 4)
         assert waits()[:3] == [0.1, 0.2, 0.4]  # unreachable: the full backoff
     finally:
         task.cancel()

@@ -12,6 +12,7 @@ import pymysql
 from PIL import Image, ImageEnhance
 
 from shared.drift import ALERTING_FEATURES, PSI_THRESHOLD
+from tests.api.conftest import eventually
 from tests.api.process import api_process
 from tests.api.test_prediction_log import metric
 from tests.conftest import ARTIFACTS, api_env
@@ -63,14 +64,6 @@ async def scrape(url: str) -> str:
         return (await client.get(f"{url}/metrics")).text
 
 
-async def wait_for(condition, timeout_s: float = 60.0) -> None:
-    for _ in range(int(timeout_s / 0.25)):
-        if condition():
-            return
-        await asyncio.sleep(0.25)
-    raise TimeoutError("condition not met")
-
-
 async def test_predictions_are_logged_under_load_through_a_database_outage(
     champion_registry, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -86,7 +79,7 @@ async def test_predictions_are_logged_under_load_through_a_database_outage(
     try:
         with api_process(env, ARTIFACTS / "api-db-outage.log") as url:
             before = await send(url, images[:60])
-            await wait_for(lambda: count_rows(db) == 60)
+            await eventually(lambda: count_rows(db) == 60, 60, 0.25)
 
             db.stop()  # halfway: the database goes away while requests keep coming
             during = await send(url, images * 2)
@@ -95,10 +88,12 @@ async def test_predictions_are_logged_under_load_through_a_database_outage(
             assert metric(metrics, "prediction_log_dropped_total", reason="queue_full") > 0
 
             db.start()  # back: logging resumes by itself (within its retry backoff) and drains the queue
-            await wait_for(lambda: metric(httpx.get(f"{url}/metrics").text, "prediction_log_queue_depth") == 0)
+            await eventually(
+                lambda: metric(httpx.get(f"{url}/metrics").text, "prediction_log_queue_depth") == 0, 60, 0.25
+            )
             after = await send(url, images[:40])
             after_ids = [r.json()["id"] for r in after]
-            await wait_for(lambda: count_rows(db, after_ids) == len(after_ids))  # every one of them
+            await eventually(lambda: count_rows(db, after_ids) == len(after_ids), 60, 0.25)  # every one of them
             metrics = await scrape(url)
             written = metric(metrics, "prediction_log_written_total")
             dropped = metric(metrics, "prediction_log_dropped_total", reason="queue_full")

@@ -1,5 +1,6 @@
 """The container tests' view of the engine: the images the images check built, and containers that are
-always on the host's network, labelled with this run, and removed by id afterwards.
+always on the host's network, labelled with this run, and removed by id afterwards; and what the tests ask
+of the services in them (a photo of each class, the registry's champion).
 
 The machine's rules for containers: every container uses the host's network (there is no bridge), and test
 traffic goes to 127.0.0.1 only.
@@ -15,7 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 REPO = Path(__file__).resolve().parents[2]
+PHOTOS = {"dandelion": "dandelion/00000000.jpg", "grass": "grass/00000000.jpg"}
+"""A real photo of each class, under the data folder."""
 MANIFEST = REPO / "var" / "ci" / "images.json"
 LABEL = "dandelion-grass.test"
 
@@ -103,3 +108,25 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.5):
             last = exc
         time.sleep(interval)
     raise TimeoutError(f"{what}: not after {timeout:.0f} s (last error: {last!r})")
+
+
+def classify(port: int, data_dir: Path) -> dict[str, dict]:
+    """The API on 127.0.0.1:``port``'s answers to :data:`PHOTOS`, by their true label."""
+    answers = {}
+    for label, photo in PHOTOS.items():
+        path = data_dir / photo
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")}, timeout=30
+        )
+        assert response.status_code == 200, response.text
+        answers[label] = response.json()
+    return answers
+
+
+def champion_version(tracking_uri: str, model: str) -> str:
+    """The version behind ``model@champion`` on the tracking server, read as the API reads it."""
+    from services.api.registry import RestRegistry
+    from shared.settings import RegistrySettings
+
+    version, _ = RestRegistry(RegistrySettings(tracking_uri=tracking_uri, model_name=model)).resolve()
+    return version

@@ -20,7 +20,7 @@ import pymysql
 import pytest
 
 from tests.conftest import AWS_ENV, MYSQL_HOST, MYSQL_PORT, Databases
-from tests.containers.docker import Docker, Images, wait_for
+from tests.containers.docker import Docker, Images, champion_version, classify, wait_for
 from tests.crafted import FAST_TRAINING
 from tests.servers import free_port
 
@@ -28,7 +28,6 @@ pytestmark = pytest.mark.slow
 
 APP_UID = 10001
 LOCKED_DOWN = ("--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL", "--security-opt", "no-new-privileges")
-PHOTOS = {"dandelion": "dandelion/00000000.jpg", "grass": "grass/00000000.jpg"}
 API_IMAGE_LIMIT_MB = 600
 # The production recipe at a fifth of its pixels and one shuffle of three folds (tests.crafted.FAST_TRAINING):
 # the images are under test here, not the recipe; the compose stack trains with compose.yaml's own settings.
@@ -78,18 +77,6 @@ def _serve(docker: Docker, images: Images, port: int, *options: str, env: dict[s
         docker.remove(container)
         raise AssertionError(f"{exc}\n{log}") from None
     return container
-
-
-def _classify(port: int, data_dir: Path) -> dict[str, dict]:
-    answers = {}
-    for label, photo in PHOTOS.items():
-        path = data_dir / photo
-        response = httpx.post(
-            f"http://127.0.0.1:{port}/predict", files={"file": (path.name, path.read_bytes(), "image/jpeg")}, timeout=30
-        )
-        assert response.status_code == 200, response.text
-        answers[label] = response.json()
-    return answers
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +132,7 @@ def test_the_api_image_serves_the_model_locked_down_on_a_port_of_its_own(
     uid = docker("exec", container, "python", "-c", "import os; print(os.getuid(), os.getgid())").stdout.split()
     assert uid == [str(APP_UID), str(APP_UID)]
 
-    answers = _classify(port, data_dir)
+    answers = classify(port, data_dir)
     for label, answer in answers.items():
         assert answer["label"] == label, answers
         assert answer["in_domain"] is True, answers
@@ -208,15 +195,12 @@ def test_the_images_against_the_real_servers(
     code, log, seconds = _train(docker, images, data_dir, "-v", f"{var}:/app/var", env=env)
     assert code == 0, log[-4000:]
     print(f"trainer image: `run` against MariaDB, S3 and the MLflow server in {seconds:.0f} s")
-    alias = httpx.get(
-        f"{mlflow_server}/api/2.0/mlflow/registered-models/alias", params={"name": model, "alias": "champion"}
-    )
-    assert alias.status_code == 200 and alias.json()["model_version"]["version"] == "1", alias.text
+    assert champion_version(mlflow_server, model) == "1"
 
     port = free_port()
     container = _serve(docker, images, port, env={**env, "API_PREDICTION_LOG": "true"})
     container_ids.append(container)
-    answers = _classify(port, data_dir)
+    answers = classify(port, data_dir)
     assert {label: answer["label"] for label, answer in answers.items()} == {"dandelion": "dandelion", "grass": "grass"}
     assert {answer["model"]["name"] for answer in answers.values()} == {model}
 

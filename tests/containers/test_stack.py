@@ -19,13 +19,12 @@ import pymysql
 import pytest
 import yaml
 
-from tests.containers.docker import REPO, Docker, Images, wait_for
+from tests.containers.docker import REPO, Docker, Images, champion_version, classify, wait_for
 from tests.containers.hostnet import COMPOSE_FILE, Ports, for_this_machine
 
 pytestmark = pytest.mark.slow
 
 ENV_EXAMPLE = REPO / ".env.example"
-PHOTOS = {"dandelion": "dandelion/00000000.jpg", "grass": "grass/00000000.jpg"}
 # What the compose tool may see of the caller's environment: nothing that compose would interpolate (a
 # variable in the environment wins over --env-file).
 PASSED_THROUGH = ("PATH", "HOME", "LANG", "LC_ALL", "DOCKER_HOST", "DOCKER_CONFIG", "DOCKER_CERT_PATH")
@@ -122,25 +121,16 @@ def test_the_trainer_service_registers_and_promotes(stack: Stack, docker: Docker
     assert docker.wait(trainer, timeout=120) == 0, docker.logs(trainer)[-3000:]
     log = docker.logs(trainer)
     assert "champion" in log, log[-3000:]
-    alias = httpx.get(
-        f"http://127.0.0.1:{stack.ports.mlflow}/api/2.0/mlflow/registered-models/alias",
-        params={"name": "dandelion-grass", "alias": "champion"},
-        timeout=10,
-    )
-    assert alias.status_code == 200 and alias.json()["model_version"]["version"] == "1", alias.text
+    assert champion_version(f"http://127.0.0.1:{stack.ports.mlflow}", "dandelion-grass") == "1"
 
 
 def test_both_replicas_answer_log_and_are_scraped(stack: Stack, data_dir: Path) -> None:
     for port in (stack.ports.api, stack.ports.api_2):
-        for label, photo in PHOTOS.items():
-            path = data_dir / photo
-            response = httpx.post(
-                f"http://127.0.0.1:{port}/predict",
-                files={"file": (path.name, path.read_bytes(), "image/jpeg")},
-                timeout=30,
-            )
-            assert response.status_code == 200, response.text
-            assert response.json()["label"] == label, response.json()
+        answers = classify(port, data_dir)
+        assert {label: answer["label"] for label, answer in answers.items()} == {
+            "dandelion": "dandelion",
+            "grass": "grass",
+        }
 
     def logged() -> list[tuple[str, str]] | None:
         connection = pymysql.connect(
