@@ -72,7 +72,7 @@ class Loaded:
 def load(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, size: int = MODEL_SIZE) -> Loaded:
     """Decode once into the model's input, keeping the resized image for :meth:`Loaded.describe` (the API
     describes after it has answered: the descriptors cost more than the decode). Raises ``ImageError``."""
-    decoded = decode(data, limits, draft_size=size)
+    decoded = decode(data, limits, size)
     img = decoded.image
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)

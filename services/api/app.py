@@ -20,7 +20,13 @@ from services.api.batching import Batcher
 from services.api.drift import DriftMonitor
 from services.api.errors import ApiError
 from services.api.metrics import HTTP_LATENCY_BUCKETS, ApiMetrics
-from services.api.middleware import BodyLimitMiddleware, HeaderLimitMiddleware, HeadMiddleware, error_response
+from services.api.middleware import (
+    BodyLimitMiddleware,
+    ConcurrencyLimitMiddleware,
+    HeaderLimitMiddleware,
+    HeadMiddleware,
+    error_response,
+)
 from services.api.predlog import PredictionLog
 from services.api.ratelimit import RateLimiter
 from services.api.registry import MlflowSource
@@ -37,7 +43,8 @@ log = logging.getLogger(__name__)
 PREDICTION_LOG_STOP_S = 3.0
 """At shutdown, how long the prediction log may take to write what it holds before it is cancelled."""
 
-UNMETERED = ["/metrics", "/health/live", "/health/ready", "/ping", "/health"]
+PROBES = frozenset({"/metrics", "/health/live", "/health/ready", "/ping", "/health"})
+"""Probes and the scrape: never metered, never refused by the concurrency limit."""
 HTTP_CODES = {400: "BAD_REQUEST", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "PAYLOAD_TOO_LARGE"}
 CLIENT_CLOSED_REQUEST = 499
 """nginx's status for a client that hung up before the answer: counted as a client error, never as 5xx."""
@@ -61,7 +68,11 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
             no_model_retry_s=settings.no_model_retry_s,
         )
         batcher = Batcher(runtime, metrics, settings.max_batch_size, settings.max_batch_wait_ms / 1000)
-        limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels)
+        limits = ImageLimits(
+            max_bytes=settings.max_upload_bytes,
+            max_pixels=settings.max_pixels,
+            max_decode_bytes=settings.max_decode_bytes,
+        )
         predlog = _prediction_log(settings, metrics)
 
         def swapped(model: LoadedModel) -> None:
@@ -81,6 +92,8 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
             drift=drift,
             predlog=predlog,
             low_confidence=settings.low_confidence_threshold,
+            decode_concurrency=settings.decode_concurrency,
+            decode_timeout_s=settings.decode_timeout_s,
         )
         batcher.start()
         tasks = [asyncio.create_task(runtime.run(), name="model-runtime")]
@@ -143,10 +156,12 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts, www_redirect=False)
     app.add_middleware(HeaderLimitMiddleware, max_count=settings.max_header_count, max_bytes=settings.max_header_bytes)
     app.add_middleware(HeadMiddleware)
+    app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.limit_concurrency, exempt=PROBES)
     # Only routes are metered, by their template: a random path must not become a new series.
-    Instrumentator(excluded_handlers=UNMETERED, registry=metrics.registry, should_ignore_untemplated=True).instrument(
-        app, latency_lowr_buckets=HTTP_LATENCY_BUCKETS
-    ).expose(app, include_in_schema=False)
+    instrumentator = Instrumentator(
+        excluded_handlers=sorted(PROBES), registry=metrics.registry, should_ignore_untemplated=True
+    )
+    instrumentator.instrument(app, latency_lowr_buckets=HTTP_LATENCY_BUCKETS).expose(app, include_in_schema=False)
     return app
 
 

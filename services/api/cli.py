@@ -8,7 +8,9 @@ import os
 from collections.abc import Sequence
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
+from services.api.connections import ServerConfig
 from services.api.settings import ApiSettings
 
 M_ARENA_MAX = -8
@@ -56,8 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "log_level": settings.log_level,
         "timeout_graceful_shutdown": GRACE_S,
         "access_log": False,
-        "limit_concurrency": settings.limit_concurrency,
+        # No uvicorn limit_concurrency: it counted idle connections and refused probes; the app limits requests
+        # (services.api.middleware.ConcurrencyLimitMiddleware) and idle sockets close at the header deadline.
         "timeout_keep_alive": settings.timeout_keep_alive_s,
+        "header_timeout_s": settings.header_timeout_s,
         "h11_max_incomplete_event_size": settings.max_header_bytes,
         # Forwarded headers are believed only from the proxies named: otherwise any client could pose as any
         # address (and dodge the per-client feedback limit).
@@ -72,15 +76,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         shown,
         args.port,
     )
+    raise_open_files_limit()
     if args.workers > 1:
         # Each worker process builds its own app (and loads its own model).
-        uvicorn.run("services.api.app:create_app", factory=True, workers=args.workers, **options)
+        config = ServerConfig("services.api.app:create_app", factory=True, workers=args.workers, **options)
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
         return 0
     from services.api.app import create_app
 
     app = create_app(settings)
-    _GracefulServer(uvicorn.Config(app, **options), app).run()
+    _GracefulServer(ServerConfig(app, **options), app).run()
     return 0
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft limit on open files to the hard one: every connection is a file, and a replica that runs
+    out of them cannot accept its probes either. Returns the limit in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
 
 
 GRACE_S = 25

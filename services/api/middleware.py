@@ -144,3 +144,32 @@ class HeadMiddleware:
             await send(message)
 
         await self.app({**scope, "method": "GET"}, receive, headers_only)
+
+
+class ConcurrencyLimitMiddleware:
+    """503 (with ``Retry-After``) for a request beyond ``limit`` requests in progress, except on the ``exempt``
+    paths (probes and ``/metrics``), which are always answered: a busy replica is still alive, and says so.
+
+    This replaces uvicorn's own ``limit_concurrency``, which counted open connections too, idle ones included,
+    and refused probes like any other request once they were used up.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, exempt: frozenset[str] = frozenset()) -> None:
+        self.app = app
+        self.limit = limit
+        self.exempt = exempt
+        self.in_progress = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in self.exempt:
+            await self.app(scope, receive, send)
+            return
+        if self.in_progress >= self.limit:
+            message = f"the server is handling {self.limit} requests, its limit; try again shortly"
+            await _send(send, error_response(503, "TEMPORARILY_UNAVAILABLE", message, headers={"Retry-After": "1"}))
+            return
+        self.in_progress += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_progress -= 1

@@ -20,7 +20,7 @@ import numpy as np
 
 from services.api.batching import Batcher
 from services.api.drift import DriftMonitor
-from services.api.errors import BadRequest, InvalidImage, PayloadTooLarge, Timeout
+from services.api.errors import BadRequest, InvalidImage, PayloadTooLarge, Timeout, UnsupportedMediaType
 from services.api.metrics import ApiMetrics
 from services.api.predlog import PredictionLog, Record
 from services.api.protocol import parse_body, predictions_body
@@ -74,6 +74,8 @@ class Classifier:
         drift: DriftMonitor | None = None,
         predlog: PredictionLog | None = None,
         low_confidence: float = 0.7,
+        decode_concurrency: int = 2,
+        decode_timeout_s: float = 10.0,
     ) -> None:
         self.low_confidence = low_confidence
         """Answers below this confidence say so (``low_confidence``); the page shows them as "not sure"."""
@@ -85,6 +87,9 @@ class Classifier:
         self.drift = drift
         self.predlog = predlog
         self._background: set[asyncio.Task[None]] = set()
+        self._decode_turns = asyncio.Semaphore(decode_concurrency)
+        """Decodes under way, across requests: each may hold up to ``limits.max_decode_bytes``."""
+        self.decode_timeout_s = decode_timeout_s
 
     async def _predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, LoadedModel]:
         """Probabilities ``(n, classes)``, in-domain distances ``(n,)`` (None: the model has no such score), and
@@ -107,13 +112,36 @@ class Classifier:
             return load(upload.data, self.limits)
         except images.ImageTooLargeError as exc:
             raise PayloadTooLarge(f"{_which(upload, index)}: {exc}") from None
+        except images.UnsupportedFormatError as exc:
+            raise UnsupportedMediaType(f"{_which(upload, index)}: {exc}") from None
         except images.ImageError as exc:
             raise InvalidImage(f"{_which(upload, index)}: {exc}") from None
+
+    async def _decode_in_turn(self, upload: Upload, index: int) -> Loaded:
+        """Decode in a worker thread once a turn is free; the turn is held until the thread is done, even when
+        the request gave up on it (timeout, hang-up), because the memory is held until then."""
+        deadline = asyncio.get_running_loop().time() + self.decode_timeout_s
+        try:
+            await asyncio.wait_for(self._decode_turns.acquire(), self.decode_timeout_s)
+        except TimeoutError:
+            raise Timeout(f"{_which(upload, index)}: not decoded within {self.decode_timeout_s:g} s (busy)") from None
+        work = asyncio.get_running_loop().run_in_executor(None, self._decode, upload, index)
+        work.add_done_callback(self._decoded)
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), remaining)
+        except TimeoutError:
+            raise Timeout(f"{_which(upload, index)}: not decoded within {self.decode_timeout_s:g} s") from None
+
+    def _decoded(self, work: asyncio.Future) -> None:
+        self._decode_turns.release()
+        if not work.cancelled():
+            work.exception()  # retrieved: a refusal nobody waited for any more is not an "unhandled" error
 
     async def classify(self, uploads: list[Upload], started: float | None = None) -> list[dict[str, Any]]:
         """One answer per upload, in order. Any unusable file fails the request with its reason."""
         started = time.perf_counter() if started is None else started
-        loaded = await asyncio.gather(*(asyncio.to_thread(self._decode, upload, i) for i, upload in enumerate(uploads)))
+        loaded = await asyncio.gather(*(self._decode_in_turn(upload, i) for i, upload in enumerate(uploads)))
         # Each image is queued on its own, so images of different requests can share a forward pass.
         results = await asyncio.gather(*(self._predict(image.array[np.newaxis]) for image in loaded))
         latency_ms = (time.perf_counter() - started) * 1000

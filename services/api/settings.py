@@ -52,6 +52,15 @@ class ApiSettings(BaseSettings):
     """Most ``file`` parts in one /predict request."""
     max_pixels: int = 40_000_000
     """Largest image (width x height) decoded; larger ones are refused before decoding (bomb guard)."""
+    max_decode_bytes: int = 128 * 1024 * 1024
+    """Most memory one image's decode may hold (pixels x the bytes per pixel of each full-size form it takes:
+    see ``shared.images.full_size_bytes_per_pixel``); larger ones answer 413 before a pixel is decoded."""
+    decode_concurrency: int = Field(2, ge=1)
+    """Images decoded at once, across all requests (the others wait their turn). With the defaults the worst
+    decodes hold 2 x ~135 MiB beside the loaded model (~0.5 GiB): well inside the pod's 2 GiB limit."""
+    decode_timeout_s: float = Field(10.0, gt=0)
+    """An image still decoding after this answers 504 (a turn waited for counts too); the sizes above keep
+    the slowest allowed decode near one second on two cores."""
     max_body_bytes: int = 64 * 1024 * 1024
     """Largest request body of any kind (a 224 x 224 x 3 JSON image is about 1-3 MB)."""
     max_instances: int = 64
@@ -69,10 +78,14 @@ class ApiSettings(BaseSettings):
     ingress's address). Unset: forwarded headers are ignored and the client is the TCP peer."""
     docs: bool = True
     """Serve the OpenAPI page at ``/docs`` (from local assets) and the schema at ``/openapi.json``."""
-    limit_concurrency: int = 512
-    """Connections and requests handled at once; beyond it uvicorn answers 503 at once."""
+    limit_concurrency: int = Field(512, ge=1)
+    """Requests handled at once; beyond it the API answers 503 at once. Probes (``/health/*``, ``/ping``) and
+    ``/metrics`` are always answered, and idle connections do not count."""
     timeout_keep_alive_s: float = 5.0
     """An idle keep-alive connection is closed after this."""
+    header_timeout_s: float = Field(10.0, gt=0)
+    """A connection whose request headers are not complete this long after it opened (or after the request's
+    first byte, on a kept-alive connection) is closed: idle and slow-header sockets hold nothing for long."""
     body_read_timeout_s: float = 30.0
     """A request body that has not fully arrived after this answers 408 (slow-body clients hold no worker)."""
     max_header_count: int = 100

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from PIL import Image
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -22,6 +20,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from shared.images import decode
 from shared.labels import LABELS
 
 
@@ -91,7 +90,7 @@ def misclassified_grid(
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, shown, strict=False):
-        ax.imshow(Image.open(io.BytesIO(images[i])).convert("RGB"))
+        ax.imshow(decode(images[i]).image)
         p = probabilities[i]
         ax.set_title(f"is {LABELS[y_true[i]]}\nanswered {LABELS[p.argmax()]} ({p.max():.0%})", fontsize=8)
     if not len(shown):

@@ -414,3 +414,33 @@ async def test_started_where_no_model_was_registered_it_says_so_and_creates_noth
     assert f"the registry at {registry.tracking_uri}, asked for dandelion-grass@champion, has no such model" in message
     assert "the trainer has not registered one there yet" in message and str(elsewhere / "var") in message
     assert not elsewhere.exists(), "the API created files where it was started"
+
+
+async def test_the_concurrency_limit_refuses_requests_but_never_probes(api_settings: ApiSettings) -> None:
+    """API_LIMIT_CONCURRENCY=2: with two requests in progress (their bodies still arriving), a third answers 503
+    with Retry-After, while the probes and /metrics answer 200; once one finishes, requests are served again."""
+    settings = api_settings.model_copy(update={"limit_concurrency": 2})
+    app = create_app(settings, source=FakeSource())
+    release = asyncio.Event()
+
+    async def slow_body():
+        yield b'{"inputs": '
+        await release.wait()
+        yield orjson.dumps([np.full((224, 224, 3), 0.5).tolist()]) + b"}"
+
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            await wait_ready(client)
+            headers = {"content-type": "application/json"}
+            held = [asyncio.create_task(client.post("/invocations", content=slow_body(), headers=headers))
+                    for _ in range(2)]  # fmt: skip
+            await asyncio.sleep(0.2)
+            refused = await client.post("/predict", files={"file": ("y.png", YELLOW)})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+            assert refused.json()["error_code"] == "TEMPORARILY_UNAVAILABLE"
+            for probe in ("/health/live", "/health/ready", "/ping", "/metrics"):
+                assert (await client.get(probe)).status_code == 200, probe
+            release.set()
+            assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200]
+            assert (await client.post("/predict", files={"file": ("y.png", YELLOW)})).status_code == 200

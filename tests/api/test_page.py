@@ -45,7 +45,7 @@ async def test_index_serves_the_page(client: httpx.AsyncClient) -> None:
     page = parse(response.text)
 
     (file_input,) = page.find("input", id="file")
-    assert file_input["type"] == "file" and "multiple" in file_input and file_input["accept"] == "image/*"
+    assert file_input["type"] == "file" and "multiple" in file_input and "image/jpeg" in file_input["accept"]
     assert page.find("label", **{"for": "file"}), "the file input has a label"
 
     (dropzone,) = page.find("div", id="dropzone")
@@ -149,3 +149,17 @@ def test_the_page_files_are_package_data() -> None:
     setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     patterns = setuptools.get("package-data", {}).get("services.api", [])
     assert "static/*" in patterns, 'add [tool.setuptools.package-data] "services.api" = ["static/*"] to pyproject.toml'
+
+
+def test_the_page_quotes_the_accepted_formats_of_the_decoder() -> None:
+    """One list (shared.images.ACCEPTED_FORMATS): the page's text, its script's messages and the file picker's
+    filter say what the decoder accepts, and nothing else."""
+    from services.api.routes.page import STATIC_DIR
+    from shared.images import ACCEPTED, ACCEPTED_FORMATS, MIME_TYPES
+
+    html = (STATIC_DIR / "index.html").read_text()
+    script = (STATIC_DIR / "app.js").read_text()
+    assert ACCEPTED in html
+    assert f'const ACCEPTED = "{ACCEPTED}";' in script
+    picker = set(html.split('accept="', 1)[1].split('"', 1)[0].split(","))
+    assert picker == {MIME_TYPES[f] for f in ACCEPTED_FORMATS}

@@ -37,6 +37,7 @@ def test_manifests_exist() -> None:
         "secret.template.yaml",
         "api-deployment.yaml",
         "api-service.yaml",
+        "api-ingress.yaml",
         "api-pdb.yaml",
         "api-hpa.yaml",
         "trainer-cronjob.yaml",
@@ -77,6 +78,7 @@ def test_rendered_resources_are_namespaced_and_labelled(rendered: list[dict[str,
             "ConfigMap",
             "Deployment",
             "Service",
+            "Ingress",
             "PodDisruptionBudget",
             "HorizontalPodAutoscaler",
             "CronJob",
@@ -156,6 +158,22 @@ def test_api_spreads_across_nodes(api_deployment: dict[str, Any]) -> None:
         assert constraint["labelSelector"]["matchLabels"] == selector
     anti = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
     assert anti[0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def test_ingress_limits_match_the_api(rendered: list[dict[str, Any]]) -> None:
+    """The proxy refuses what the API would refuse (body size) and gives up no sooner than the API does."""
+    from services.api.settings import ApiSettings
+
+    (ingress,) = _by_kind(rendered, "Ingress")
+    (service,) = _by_kind(rendered, "Service")
+    notes = ingress["metadata"]["annotations"]
+    defaults = ApiSettings()
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-body-size"].removesuffix("m")) * 2**20 == defaults.max_body_bytes
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > defaults.request_timeout_s
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-send-timeout"]) >= defaults.body_read_timeout_s
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
 
 
 def test_service_nodeport(rendered: list[dict[str, Any]], api_deployment: dict[str, Any]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -175,3 +177,133 @@ def test_errors_carry_machine_readable_codes() -> None:
 def test_real_photos_preprocess(data_dir) -> None:
     for path in sorted((data_dir / "dandelion").glob("*.jpg"))[:3] + sorted((data_dir / "grass").glob("*.jpg"))[:3]:
         check_array(preprocess(path.read_bytes()))
+
+
+# ---------------------------------------------------------------- memory: the decode budget is bytes (issue #23)
+
+WORST_CASES = [
+    ("I;16", "PNG"),
+    ("I;16", "TIFF"),
+    ("I", "TIFF"),
+    ("F", "TIFF"),
+    ("L", "PNG"),
+    ("1", "PNG"),
+    ("P", "PNG"),
+    ("P", "GIF"),
+    ("RGB", "PNG"),
+    ("RGB", "TIFF"),
+    ("RGB", "WEBP"),
+    ("RGBA", "PNG"),
+    ("RGBA", "TIFF"),
+    ("RGBA", "WEBP"),
+    ("LA", "PNG"),
+    ("CMYK", "TIFF"),
+]
+OPTIONS = {"TIFF": {"compression": "tiff_adobe_deflate"}, "WEBP": {"lossless": True}, "PNG": {"optimize": True}}
+
+PEAK_SCRIPT = """
+import re, sys
+from shared import images
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+)", open("/proc/self/status").read())[1]) * 1024
+data = sys.stdin.buffer.read()
+before = status("VmRSS")
+array = images.preprocess(data)
+print(status("VmHWM") - before, float(array.mean()))
+"""
+
+
+REPO = Path(images.__file__).resolve().parents[1]
+
+
+def largest_allowed(mode: str, fmt: str, limits: ImageLimits = images.DEFAULT_LIMITS) -> tuple[Image.Image, int]:
+    """A compressible picture (a gradient, not one flat value, so every page of the raster is written) of the
+    largest square side this mode and format may have, and that side."""
+    per_pixel = images.full_size_bytes_per_pixel(mode, fmt)
+    side = int((min(limits.max_decode_bytes / per_pixel, limits.max_pixels)) ** 0.5)
+    ramp = Image.linear_gradient("L").resize((side, side))
+    if mode in ("I;16", "I"):
+        return ramp.convert("I").point(lambda v: v * 200).convert(mode), side
+    if mode in ("F", "L", "1"):
+        return ramp.convert(mode), side
+    colour = Image.merge("RGB", [ramp, ramp.transpose(Image.Transpose.ROTATE_90), ramp])
+    if mode in ("RGBA", "LA"):  # a real alpha channel: an opaque one may be dropped by the encoder
+        colour = colour.convert(mode)
+        colour.putalpha(ramp.transpose(Image.Transpose.ROTATE_180).point(lambda v: 64 + v // 2))
+        return colour, side
+    return colour.quantize(64) if mode == "P" else colour.convert(mode), side
+
+
+@pytest.mark.parametrize(("mode", "fmt"), WORST_CASES, ids=[f"{m}-{f}" for m, f in WORST_CASES])
+def test_the_worst_allowed_decode_of_each_mode_stays_within_the_budget(mode: str, fmt: str) -> None:
+    """The largest image each mode may be decodes with a peak of at most the budget (+ 8 MiB of working
+    memory), in a fresh process; one more row is refused before decoding. The probe's 75 KB 16-bit PNG of
+    6300 x 6300 once peaked at ~1 GB."""
+    import subprocess
+    import sys
+
+    img, side = largest_allowed(mode, fmt)
+    data = encode(img, fmt, **OPTIONS.get(fmt, {}))
+    assert len(data) < images.DEFAULT_LIMITS.max_bytes
+    done = subprocess.run([sys.executable, "-c", PEAK_SCRIPT], input=data, capture_output=True, check=True, cwd=REPO)
+    peak, mean = done.stdout.split()
+    budget = images.DEFAULT_LIMITS.max_decode_bytes
+    assert int(peak) <= budget + 8 * 2**20, f"peak {int(peak) / 2**20:.0f} MiB for a budget of {budget / 2**20:.0f}"
+    assert 0.05 < float(mean) < 0.95  # the gradient came through, not a blank
+    taller = encode(img.resize((side, side + side // 50 + 1), Image.Resampling.NEAREST), fmt, **OPTIONS.get(fmt, {}))
+    with pytest.raises(ImageTooLargeError):  # by the budget, or by the pixel cap where that is reached first
+        images.decode(taller)
+
+
+def test_sixteen_bit_probe_image_is_refused_or_cheap_and_right() -> None:
+    """The probe's image: 75 KB, 6300 x 6300, 16-bit. Within the budget at 2 bytes a pixel: decoded reduced,
+    its values scaled, not clipped."""
+    img = Image.fromarray(np.full((6300, 6300), 16384, np.uint16))
+    data = encode(img, "PNG", optimize=True)
+    decoded = images.decode(data)
+    assert (decoded.width, decoded.height) == (6300, 6300)
+    assert max(decoded.image.size) < 1000  # reduced before anything else
+    np.testing.assert_allclose(preprocess(data).mean(), 0.25, atol=2 / 255)
+
+
+def test_large_images_are_reduced_before_rotation_and_keep_their_orientation() -> None:
+    img = half_and_half((2400, 1200)).convert("RGBA")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    decoded = images.decode(encode(img, "PNG", exif=exif))
+    assert max(decoded.image.size) < 1500  # reduced (by whole factors per side: the model squares it anyway)
+    array = preprocess(encode(img, "PNG", exif=exif))
+    assert array[10, MODEL_SIZE // 2, 0] > 0.9 and array[-10, MODEL_SIZE // 2, 2] > 0.9
+
+
+# ---------------------------------------------------------------- formats: one allow-list (issue #23)
+
+
+def other_format(fmt: str) -> bytes:
+    if fmt == "EPS":
+        return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n{ } loop\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Pillow deprecates writing IM; a client may still send it
+        return encode(Image.new("1" if fmt == "XBM" else "RGB", (64, 64)), fmt)
+
+
+REFUSED_FORMATS = ["EPS", "PPM", "TGA", "PCX", "SGI", "ICNS", "DDS", "IM", "QOI", "ICO", "XBM", "JPEG2000"]
+
+
+@pytest.mark.parametrize("fmt", REFUSED_FORMATS)
+def test_formats_outside_the_list_are_refused_with_the_list(fmt: str) -> None:
+    with pytest.raises((images.UnsupportedFormatError, NotAnImageError)) as refused:
+        images.decode(other_format(fmt))
+    assert images.ACCEPTED in str(refused.value)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "PPM", "PCX", "SGI", "ICNS", "DDS", "QOI", "ICO", "XBM"])
+def test_a_known_format_is_told_apart_from_garbage(fmt: str) -> None:
+    with pytest.raises(images.UnsupportedFormatError, match=fmt):
+        images.decode(other_format(fmt))
+
+
+def test_every_accepted_format_decodes() -> None:
+    for fmt in images.ACCEPTED_FORMATS:
+        check_array(preprocess(encode(Image.new("RGB", (32, 32), (0, 90, 0)), fmt)))
+    assert images.EXTENSIONS.keys() - {"MPO"} == set(images.ACCEPTED_FORMATS)

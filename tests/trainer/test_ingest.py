@@ -232,3 +232,27 @@ def test_cli_says_which_dependency_is_down(stack_settings: TrainerSettings, monk
     assert main(["ingest", "--quiet", "--source", str(data_dir), "--per-class", "2"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: the database is unavailable")
+
+
+def test_ingest_refuses_what_the_api_refuses(stack_settings: TrainerSettings, tmp_path: Path, data_dir: Path) -> None:
+    """The same decoder and the same caps as the API: an EPS named .jpg is never handed to Ghostscript, a float
+    TIFF over the decode budget is refused before decoding, a PPM is not an accepted format."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.shared.test_images import other_format
+
+    folder = tmp_path / "source"
+    (folder / "dandelion").mkdir(parents=True)
+    (folder / "grass").mkdir()
+    (folder / "dandelion" / "a.jpg").write_bytes((data_dir / "dandelion" / "00000000.jpg").read_bytes())
+    (folder / "dandelion" / "loop.jpg").write_bytes(other_format("EPS"))
+    (folder / "grass" / "p.png").write_bytes(other_format("PPM"))
+    big = io.BytesIO()
+    Image.fromarray(np.zeros((6300, 6300), np.float32), "F").save(big, "TIFF", compression="tiff_adobe_deflate")
+    (folder / "grass" / "float.tif").write_bytes(big.getvalue())
+    report = asyncio.run(ingest(stack_settings, str(folder), progress=False))
+    assert report.new == 1
+    assert report.rejected == {"unsupported_format": 2, "image_too_large": 1}
