@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -28,12 +29,27 @@ def sqlite_file(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+SQLITE_BUSY_TIMEOUT_S = 60
+"""How long a SQLite writer waits for another (the trainer and the API share the embedded database)."""
+
+
 def create_engine(settings: DatabaseSettings) -> AsyncEngine:
     url = settings.url.get_secret_value()
     if (database := sqlite_file(url)) is not None:
         database.parent.mkdir(parents=True, exist_ok=True)
-        return create_async_engine(url, echo=settings.echo)
+        engine = create_async_engine(url, echo=settings.echo, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
     return create_async_engine(url, echo=settings.echo, pool_pre_ping=True, pool_recycle=1800)
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    """Write-ahead logging: readers never wait for the writer, and one writer at a time waits its turn
+    (``timeout``) instead of failing with "database is locked"."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 async def create_tables(engine: AsyncEngine, attempts: int = 3) -> None:

@@ -12,6 +12,12 @@ from collections.abc import Sequence
 import numpy as np
 
 LABELS: tuple[str, ...] = ("dandelion", "grass")
+NEITHER = "neither"
+"""The label of photos that are neither dandelions nor grass (other flowers, anything else): the model learns to
+refuse them. Never a served class: ``/invocations`` and ``/predict`` keep the two columns of :data:`LABELS`, and
+a photo that looks like these is answered with ``in_domain: false``."""
+TRAINING_LABELS: tuple[str, ...] = (*LABELS, NEITHER)
+"""Every label an ingested photo may carry."""
 
 
 class UnknownLabelError(ValueError):

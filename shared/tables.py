@@ -25,12 +25,34 @@ class ImageRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     sha256: Mapped[str] = mapped_column(String(64), unique=True)
     label: Mapped[str] = mapped_column(String(32), index=True)
+    """``dandelion``, ``grass``, or ``neither`` (a photo the model learns to refuse: see ``kind``)."""
     source: Mapped[str] = mapped_column(String(1024))
+    """Where the file was read from: its path, URL, or ``feedback:{prediction id}``."""
     object_key: Mapped[str] = mapped_column(String(255))
     width: Mapped[int] = mapped_column(Integer)
     height: Mapped[int] = mapped_column(Integer)
     byte_size: Mapped[int] = mapped_column(BigInteger)
     ingested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    origin: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The source's short name (``dandelion-grass``, ``flowers``, ``feedback``): what cross-source estimates and
+    the model card group photos by. NULL for rows ingested before sources had names."""
+    kind: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """What the photo shows within its label: the source's subfolder (``daisy``, ``rose``, ...) for ``neither``
+    photos, the label itself otherwise."""
+    rgb_r_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rgb_r_std: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rgb_g_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rgb_g_std: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rgb_b_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    rgb_b_std: Mapped[float | None] = mapped_column(Float, nullable=True)
+    hsv_h_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    hsv_h_std: Mapped[float | None] = mapped_column(Float, nullable=True)
+    hsv_s_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    hsv_s_std: Mapped[float | None] = mapped_column(Float, nullable=True)
+    hsv_v_mean: Mapped[float | None] = mapped_column(Float, nullable=True)
+    hsv_v_std: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """The colour descriptors (``shared.descriptors``), computed once at ingest; NULL for rows ingested before
+    (the feature store fills them in)."""
 
 
 class FeatureSetRow(Base):
@@ -49,6 +71,30 @@ class FeatureSetRow(Base):
     """sha256 over the sorted image hashes it was built from: equal snapshots mean equal data."""
     split_counts: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EmbeddingShardRow(Base):
+    """One Parquet file of backbone embeddings in the object store (``embeddings/{spec}/...``)."""
+
+    __tablename__ = "embedding_shards"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    spec: Mapped[str] = mapped_column(String(128), index=True)
+    """What computed them: backbone, weights, working side (``services.trainer.embeddings.EmbeddingSpec``)."""
+    object_key: Mapped[str] = mapped_column(String(255), unique=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EmbeddingRow(Base):
+    """Where the embedding of one view of one image is: computed once per (image, spec, view), never again."""
+
+    __tablename__ = "embeddings"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    spec: Mapped[str] = mapped_column(String(128), primary_key=True)
+    view: Mapped[str] = mapped_column(String(16), primary_key=True)
+    shard_id: Mapped[int] = mapped_column(Integer, ForeignKey("embedding_shards.id"), index=True)
 
 
 class PredictionRow(Base):

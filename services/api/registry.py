@@ -16,10 +16,13 @@ from typing import Any
 import numpy as np
 
 from services.api.forward import compile_forward, litert_forward
-from services.api.runtime import LITERT_FILE, LoadedModel, Runtime
+from services.api.runtime import LITERT_FILE, LoadedModel, Outputs, Runtime
 from shared.db import sqlite_file
 from shared.labels import LABELS
 from shared.settings import RegistrySettings
+
+CARD_FILE = "model_card.md"
+"""Every run's model card (``services.trainer.modelcard``), at the root of its artifacts."""
 
 
 class RegistryError(RuntimeError):
@@ -77,6 +80,11 @@ class RestRegistry:
         )
         version = orjson.loads(body)["model_version"]
         return str(version["version"]), version.get("run_id", "")
+
+    def run_artifact_uri(self, run_id: str) -> str:
+        import orjson
+
+        return orjson.loads(self._get("/api/2.0/mlflow/runs/get", run_id=run_id))["run"]["info"]["artifact_uri"]
 
     def artifact_uri(self, version: str) -> str:
         import orjson
@@ -161,7 +169,17 @@ class MlflowSource:
         flatbuffer = rest.fetch(artifact_uri, litert)
         if flatbuffer is None:
             return None
-        return self._model(version, run_id, litert_forward(flatbuffer, self.threads), "litert", meta.get("metadata"))
+        forward = litert_forward(flatbuffer, self.threads)
+        return self._model(version, run_id, forward, "litert", meta.get("metadata"), self._card_over_rest(rest, run_id))
+
+    @staticmethod
+    def _card_over_rest(rest: RestRegistry, run_id: str) -> str | None:
+        """The run's model card; None when it has none (older versions) or it cannot be read now."""
+        try:
+            card = rest.fetch(rest.run_artifact_uri(run_id), CARD_FILE)
+        except Exception:  # a missing card never stops a model from being served
+            return None
+        return card.decode("utf-8", "replace") if card is not None else None
 
     def _load_with_mlflow(self, version: str, run_id: str) -> LoadedModel:
         import mlflow
@@ -188,17 +206,35 @@ class MlflowSource:
 
                 path = mlflow.artifacts.download_artifacts(uri, dst_path=f"{tmp}/all", tracking_uri=tracking_uri)
                 forward, runtime = compile_forward(mlflow.tensorflow.load_model(path)), "tensorflow"
-        return self._model(version, run_id, forward, runtime, meta.get("metadata"))
+            card = None
+            try:
+                card_path = mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=CARD_FILE, dst_path=f"{tmp}/card", tracking_uri=tracking_uri
+                )
+                card = Path(card_path).read_text(errors="replace")
+            except Exception:  # a missing card never stops a model from being served
+                card = None
+        return self._model(version, run_id, forward, runtime, meta.get("metadata"), card)
 
     def _model(
-        self, version: str, run_id: str, forward: Callable[[np.ndarray], np.ndarray], runtime: str, metadata
+        self,
+        version: str,
+        run_id: str,
+        forward: Callable[[np.ndarray], np.ndarray],
+        runtime: str,
+        metadata,
+        card: str | None = None,
     ) -> LoadedModel:
         metadata = dict(metadata or {})
         domain = metadata.get("in_domain")
-        threshold = None
+        threshold = neither = outputs = None
         columns = len(metadata.get("labels", LABELS))
         if runtime == "litert" and isinstance(domain, dict) and domain.get("score_column") == columns:
             threshold = float(domain["threshold"])  # only the LiteRT export computes the distance
+            outputs = _outputs(metadata.get("outputs"))
+            if outputs is not None and outputs.neither is not None and domain.get("neither_threshold") is not None:
+                neither = float(domain["neither_threshold"])
+        low = metadata.get("low_confidence_threshold")
         return LoadedModel(
             name=self.settings.model_name,
             version=version,
@@ -209,7 +245,26 @@ class MlflowSource:
             metadata=metadata,
             runtime=runtime,
             domain_threshold=threshold,
+            outputs=outputs,
+            neither_threshold=neither,
+            refused_kinds=tuple((domain or {}).get("refused_kinds") or ()) if neither is not None else (),
+            low_confidence_threshold=float(low) if isinstance(low, int | float) else None,
+            card=card,
         )
+
+
+def _outputs(spec: Any) -> Outputs | None:
+    """The export's column layout from the model metadata (``services.trainer.export.outputs``)."""
+    if not isinstance(spec, dict) or not isinstance(spec.get("domain_distance"), int):
+        return None
+    explain = spec.get("explain") if isinstance(spec.get("explain"), dict) else {}
+    grid = explain.get("grid") or [0]
+    return Outputs(
+        distance=spec["domain_distance"],
+        neither=spec.get("neither") if isinstance(spec.get("neither"), int) else None,
+        explain=explain.get("start") if isinstance(explain.get("start"), int) else None,
+        grid=int(grid[0]) if grid else 0,
+    )
 
 
 def _no_export(version: str) -> RuntimeError:

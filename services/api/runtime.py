@@ -30,6 +30,19 @@ Runtime = Literal["auto", "litert", "tensorflow"]
 
 
 @dataclass(frozen=True)
+class Outputs:
+    """Where the answers beyond the probabilities are in a forward pass's row (the trainer's LiteRT export)."""
+
+    distance: int
+    """The in-domain distance."""
+    neither: int | None = None
+    """P(neither): the share of the kinds of photo the model learnt to refuse."""
+    explain: int | None = None
+    """First column of the class activation map (``grid`` x ``grid`` cells, row-major)."""
+    grid: int = 0
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     name: str
     version: str
@@ -44,8 +57,24 @@ class LoadedModel:
     runtime: str = "python"
     """What runs the forward pass: ``litert``, ``tensorflow`` (or a test double's name)."""
     domain_threshold: float | None = None
-    """When set, ``forward`` returns one more column, the in-domain distance (the trainer's LiteRT export
-    does), and inputs farther than this are "neither dandelion nor grass". None: no in-domain score."""
+    """When set, ``forward`` returns more columns (the trainer's LiteRT export does: see ``outputs``), and inputs
+    farther than this are "neither dandelion nor grass". None: no in-domain score."""
+    outputs: Outputs | None = None
+    """Where the in-domain distance, P(neither) and the activation map are; None with ``domain_threshold`` set
+    means the one column right after the probabilities (versions before P(neither))."""
+    neither_threshold: float | None = None
+    """P(neither) above which an input is out of domain (it looks like a kind of photo the model refuses)."""
+    refused_kinds: tuple[str, ...] = ()
+    low_confidence_threshold: float | None = None
+    """The version's own "not sure" point, read off its calibrated reliability curve (None: the API's setting)."""
+    card: str | None = field(default=None, repr=False)
+    """The version's ``model_card.md``, when its run has one."""
+
+    @property
+    def distance_column(self) -> int | None:
+        if self.domain_threshold is None:
+            return None
+        return self.outputs.distance if self.outputs is not None else len(self.labels)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -60,6 +89,11 @@ class LoadedModel:
             "drift_reference": _reference_summary(self.metadata.get("drift_reference")),
             "runtime": self.runtime,
             "in_domain_threshold": self.domain_threshold,
+            "neither_threshold": self.neither_threshold,
+            "refused_kinds": list(self.refused_kinds),
+            "low_confidence_threshold": self.low_confidence_threshold,
+            "explains": self.outputs is not None and self.outputs.explain is not None,
+            "card": self.card is not None,
         }
 
 

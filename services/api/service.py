@@ -55,11 +55,71 @@ class _Observation:
     in_domain: bool | None = None
 
 
-def _domain(distance: float | None, model: LoadedModel) -> tuple[float | None, bool | None]:
-    """An input's in-domain distance and verdict (both None when the model has no in-domain score)."""
-    if distance is None or model.domain_threshold is None:
-        return None, None
-    return float(distance), float(distance) <= model.domain_threshold
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """Whether an input looks like the photos the model was trained on, and why not."""
+
+    distance: float | None = None
+    neither: float | None = None
+    """P(neither): how much it looks like a kind of photo the model learnt to refuse."""
+    in_domain: bool | None = None
+    """None when the model has no in-domain score."""
+    reason: str | None = None
+    """``looks_like_refused_kind`` or ``unlike_training_photos`` when out of domain."""
+
+
+def verdict(row: np.ndarray, model: LoadedModel) -> Verdict:
+    """An input's in-domain verdict from its forward pass's row: out of domain when it is too far from the training
+    photos, or when it looks like one of the kinds of photo the model refuses."""
+    column = model.distance_column
+    if column is None or column >= len(row):
+        return Verdict()
+    distance = float(row[column])
+    neither = None
+    if model.outputs is not None and model.outputs.neither is not None and model.outputs.neither < len(row):
+        neither = float(row[model.outputs.neither])
+    if model.neither_threshold is not None and neither is not None and neither > model.neither_threshold:
+        return Verdict(distance, neither, False, "looks_like_refused_kind")
+    if distance > model.domain_threshold:
+        return Verdict(distance, neither, False, "unlike_training_photos")
+    return Verdict(distance, neither, True)
+
+
+def explanation(row: np.ndarray, model: LoadedModel, label: str) -> dict[str, Any] | None:
+    """Where the model looked: the class activation map of the answer, as a grid of numbers (logit units: positive
+    cells argued for the answer) and as a small translucent PNG to lay over the photo. None when the model has
+    no map (versions before it, or served on TensorFlow)."""
+    outputs = model.outputs
+    if outputs is None or outputs.explain is None or not outputs.grid:
+        return None
+    cells = outputs.grid * outputs.grid
+    evidence = np.asarray(row[outputs.explain : outputs.explain + cells], np.float64)
+    evidence = evidence.reshape(outputs.grid, outputs.grid)
+    if label != model.labels[0]:
+        evidence = -evidence  # the map is dandelion minus grass: for a grass answer, grass's side of it
+    return {
+        "for": label,
+        "grid": [outputs.grid, outputs.grid],
+        "evidence": np.round(evidence, 4).tolist(),
+        "png": heatmap_png(evidence),
+    }
+
+
+def heatmap_png(evidence: np.ndarray) -> str:
+    """A ``data:`` URL of an RGBA PNG of the positive evidence: orange, opaque where it was strongest."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    top = float(evidence.max())
+    strength = np.clip(evidence / top, 0.0, 1.0) if top > 0 else np.zeros_like(evidence)
+    rgba = np.zeros((*evidence.shape, 4), np.uint8)
+    rgba[..., 0], rgba[..., 1], rgba[..., 2] = 255, 120, 0
+    rgba[..., 3] = np.round(strength * 200).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 class Classifier:
@@ -91,21 +151,24 @@ class Classifier:
         """Decodes under way, across requests: each may hold up to ``limits.max_decode_bytes``."""
         self.decode_timeout_s = decode_timeout_s
 
-    async def _predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, LoadedModel]:
-        """Probabilities ``(n, classes)``, in-domain distances ``(n,)`` (None: the model has no such score), and
-        the model that answered."""
+    async def _predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, LoadedModel]:
+        """Probabilities ``(n, classes)``, the whole output rows (what :func:`verdict` and :func:`explanation`
+        read), and the model that answered."""
         try:
             out, model = await asyncio.wait_for(self.batcher.predict(x), self.timeout_s)
         except TimeoutError:
             raise Timeout(f"the model did not answer within {self.timeout_s:g} s") from None
         classes = len(model.labels)
         probs = np.ascontiguousarray(out[:, :classes])
-        distances = out[:, classes] if model.domain_threshold is not None and out.shape[1] > classes else None
         if not np.isfinite(probs).all():
             # Finite but absurd inputs (1e38) overflow inside the network: refuse them rather than answer NaN,
             # which would also poison the confidence metrics and the prediction log.
             raise BadRequest("the model's output is not a number for this input: send pixel values in [0, 1]")
-        return probs, distances, model
+        return probs, out, model
+
+    def _low_confidence(self, model: LoadedModel) -> float:
+        """The answering version's own "not sure" point, else the API's setting."""
+        return model.low_confidence_threshold if model.low_confidence_threshold is not None else self.low_confidence
 
     def _decode(self, upload: Upload, index: int) -> Loaded:
         try:
@@ -138,17 +201,21 @@ class Classifier:
         if not work.cancelled():
             work.exception()  # retrieved: a refusal nobody waited for any more is not an "unhandled" error
 
-    async def classify(self, uploads: list[Upload], started: float | None = None) -> list[dict[str, Any]]:
-        """One answer per upload, in order. Any unusable file fails the request with its reason."""
+    async def classify(
+        self, uploads: list[Upload], started: float | None = None, *, explain: bool = False
+    ) -> list[dict[str, Any]]:
+        """One answer per upload, in order (with ``explain``, where the model looked). Any unusable file fails
+        the request with its reason."""
         started = time.perf_counter() if started is None else started
         loaded = await asyncio.gather(*(self._decode_in_turn(upload, i) for i, upload in enumerate(uploads)))
         # Each image is queued on its own, so images of different requests can share a forward pass.
         results = await asyncio.gather(*(self._predict(image.array[np.newaxis]) for image in loaded))
         latency_ms = (time.perf_counter() - started) * 1000
         answers, observations = [], []
-        for upload, image, (probs, distances, model) in zip(uploads, loaded, results, strict=True):
+        for upload, image, (probs, rows, model) in zip(uploads, loaded, results, strict=True):
             label, confidence, per_class = labels.decode(probs, model.labels)[0]
-            distance, in_domain = _domain(None if distances is None else distances[0], model)
+            judged = verdict(rows[0], model)
+            distance, in_domain = judged.distance, judged.in_domain
             self.metrics.served([label], [confidence], model.version, None if in_domain is None else [in_domain])
             prediction_id = uuid.uuid4().hex
             stored = upload.data if self.predlog is not None and self.predlog.stores_uploads else None
@@ -156,20 +223,23 @@ class Classifier:
                 _Observation(prediction_id, "predict", model, label, confidence, latency_ms, image.describe,
                              stored, image.format, distance, in_domain)
             )  # fmt: skip
-            answers.append(
-                {
-                    "id": prediction_id,
-                    "label": label,
-                    "confidence": confidence,
-                    "low_confidence": confidence < self.low_confidence,
-                    # Nothing is hidden: an image unlike the training photos still gets its label, and says so.
-                    "in_domain": in_domain,
-                    "domain_distance": distance,
-                    "probabilities": per_class,
-                    "model": {"name": model.name, "version": model.version},
-                    "filename": upload.filename,
-                }
-            )
+            answer = {
+                "id": prediction_id,
+                "label": label,
+                "confidence": confidence,
+                "low_confidence": confidence < self._low_confidence(model),
+                # Nothing is hidden: an image unlike the training photos still gets its label, and says so.
+                "in_domain": in_domain,
+                "domain_distance": distance,
+                "neither": judged.neither,
+                "out_of_domain_reason": judged.reason,
+                "probabilities": per_class,
+                "model": {"name": model.name, "version": model.version},
+                "filename": upload.filename,
+            }
+            if explain:
+                answer["explain"] = explanation(rows[0], model, label)
+            answers.append(answer)
         self._observe_later(observations)
         return answers
 
@@ -184,11 +254,12 @@ class Classifier:
         else:
             x = parse_body(body, self.max_instances)
         _check_range(x)
-        probs, distances, model = await self._predict(x)
+        probs, rows, model = await self._predict(x)
         latency_ms = (time.perf_counter() - started) * 1000
         decoded = labels.decode(probs, model.labels)
-        domain = [_domain(None if distances is None else distances[i], model) for i in range(len(x))]
-        flags = None if distances is None else [bool(in_domain) for _, in_domain in domain]
+        judged = [verdict(row, model) for row in rows]
+        domain = [(v.distance, v.in_domain) for v in judged]
+        flags = None if model.distance_column is None else [bool(v.in_domain) for v in judged]
         self.metrics.served([d[0] for d in decoded], [d[1] for d in decoded], model.version, flags)
         observations = [
             _Observation(uuid.uuid4().hex, "invocations", model, label, confidence, latency_ms,

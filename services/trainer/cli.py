@@ -1,4 +1,4 @@
-"""python -m services.trainer ingest|features|train|run|drift|prune: the training worker's command line."""
+"""python -m services.trainer ingest|features|embed|train|run|drift|prune: the training worker's command line."""
 
 from __future__ import annotations
 
@@ -10,14 +10,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from services.trainer.dataset import DatasetError
 from services.trainer.drift import DriftError
 from services.trainer.features import FeatureSetError, build_features
 from services.trainer.ingest import SourceError, ingest, ingest_feedback
 from services.trainer.settings import TrainerSettings
+from services.trainer.shards import EmbedError
 from shared.db import DatabaseError
 from shared.storage import ObjectStoreError
 
-EXPECTED_ERRORS = (SourceError, FeatureSetError, ObjectStoreError, DatabaseError, DriftError)
+EXPECTED_ERRORS = (SourceError, FeatureSetError, ObjectStoreError, DatabaseError, DriftError, EmbedError, DatasetError)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,8 +34,16 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add_source(p: argparse.ArgumentParser, feedback_help: str) -> None:
-        p.add_argument("--source", help="HTTP(S) base URL or local folder (default: DATA_SOURCE)")
-        p.add_argument("--per-class", type=int, help="indices (HTTP) or files (folder) per label")
+        p.add_argument(
+            "--source",
+            action="append",
+            metavar="[NAME=]SOURCE",
+            help="a folder with dandelion/ and grass/ subfolders (others: photos of neither) or an HTTP(S) base; "
+            "repeat for several (default: DATA_SOURCE)",
+        )
+        p.add_argument(
+            "--per-class", type=int, help="indices per label to try (HTTP); a limit per label (folder: all by default)"
+        )
         p.add_argument("--from-feedback", action="store_true", help=feedback_help)
 
     add_source(
@@ -42,6 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     features = commands.add_parser("features", parents=[common], help="build the next feature-set version")
     features.add_argument("--force", action="store_true", help="build a new version even if nothing changed")
+    embed = commands.add_parser(
+        "embed", parents=[common], help="compute the backbone embeddings the feature set lacks (in shards)"
+    )
+    embed.add_argument("--feature-set", type=int, help="feature-set version (default: latest)")
+    embed.add_argument(
+        "--shard", type=int, help="compute only part I of --shards (default: JOB_COMPLETION_INDEX, else all)"
+    )
+    embed.add_argument("--shards", type=_positive, default=1, help="parts the work is split into")
+    embed.add_argument(
+        "--workers", type=_positive, help="run the parts as N local processes (default: TRAINER_EMBED_WORKERS)"
+    )
     for name, help_text in (("train", "train, register and gate a model"), ("run", "ingest + features + train")):
         p = commands.add_parser(name, parents=[common], help=help_text)
         if name == "run":
@@ -120,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             )
             print(feature_set.summary())
+        if args.command in ("embed", "run"):
+            print(_embed(settings, args, progress).summary(), flush=True)
         if args.command in ("train", "run"):
             from services.trainer.quiet import import_tensorflow
 
@@ -136,6 +159,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _embed(settings: TrainerSettings, args: argparse.Namespace, progress: bool):
+    from services.trainer.shards import embed
+
+    shard = getattr(args, "shard", None)
+    if shard is None:
+        shard = settings.shard_index if getattr(args, "shards", 1) > 1 else None
+    shards = getattr(args, "shards", 1)
+    if shard is not None and not 0 <= shard < shards:
+        raise EmbedError(f"--shard {shard} is not one of the {shards} parts (0 to {shards - 1})")
+    workers = getattr(args, "workers", None) or settings.embed_workers or os.cpu_count() or 1
+    version = getattr(args, "feature_set", None)
+    return embed(settings, version, shard=shard, shards=shards, workers=1 if shard is not None else workers,
+                 progress=progress)  # fmt: skip
 
 
 def _drift(settings: TrainerSettings, window: int | None, out: Path) -> int:

@@ -1,40 +1,41 @@
-""" "Neither": how far a photo is from the photos the model was trained on, and where "too far" starts.
+""" "Neither": whether a photo is like the dandelion and grass photos the model was trained on.
 
-The score is the cosine distance from a photo's pooled backbone features to its ``k``-th nearest
-neighbour among the training split's photos and their mirror images (the *bank*): ``1 - similarity``, in
-[0, 2]. Features of ImageNet-trained networks place a cat, a chart or a receipt far from every lawn and
-every dandelion, and a dandelion close to dozens of them; a large ``k`` (40 views, about 20 photos) asks
-"is it close to many training photos", which one odd training photo cannot answer for it. Chosen on the
-320 photos and a generated out-of-domain set (:mod:`services.trainer.oodset`, 173 images), with
-:func:`evaluate` (5-fold CV, each fold's bank and threshold from the other folds; three fold shuffles)::
+Two scores, one verdict: a photo is out of domain when either says so.
 
-    k (views)   real photos flagged   out-of-domain caught   AUROC
-    1           2.2-3.8 %             81-84 %                0.987-0.993
-    10          1.9-2.8 %             93 %                   0.994-0.995
-    20          1.2-1.9 %             96-97 %                0.995-0.996
-    40          1.2-2.2 %             96.4-97.0 %            0.996
-    60          1.9-2.8 %             94.5-96.6 %            0.995-0.996
+* **Distance** (anything unlike the training photos: a cat, a chart, a receipt): the cosine distance from the
+  photo's pooled backbone features to its ``k``-th nearest view in a *bank* of training views (the photos of the
+  two classes and their mirror images). The bank is a stratified sample of at most :data:`BANK_VIEWS` views, each
+  standing for the views it was drawn from, so ``k`` counts views of the whole training set (``ceil(k * bank /
+  views)`` bank entries): the served model's size does not grow with the data. ImageNet features put a cat or a
+  receipt far from every lawn and every dandelion, and asking for the 20th view asks whether the photo is close to
+  *many* training photos, which one odd training photo cannot answer for it.
+* **P(neither)** (things close to the photos, that are not them: daisies, sunflowers, tulips, roses): the share of
+  the refused kinds in the head's softmax (:mod:`head`), learnt from the ``neither`` photos of the sources. Absent
+  when the sources have none.
 
-A Mahalanobis distance (Ledoit-Wolf covariance) on the same features did far worse (AUROC 0.95, about half
-caught at the same rate), and on earlier blocks' pooled features at best 0.986 and 84 %.
-
-The threshold is set at training time so that :data:`FLAG_RATE` of real photos are flagged: the 97.5th
-percentile of the distances of photos the bank does not hold, namely the validation split against the
-training split's bank, and each training photo against a bank without its fold (5 folds). The model
-computes the distance in its forward pass (:func:`services.trainer.export.litert_model`), so serving it
-costs one matrix product and a top-k, not a second pass.
+Thresholds are set on photos the bank or the head did not see, so that a stated share of real dandelion and
+grass photos is flagged: :data:`FLAG_RATE` by the distance alone when there is no ``neither`` photo, else
+:data:`DISTANCE_RATE` by distance (over all held-out photos) and :data:`NEITHER_RATE` by P(neither) (in every
+group of photos, a class and its source, so that no source pays for another's). How the method and the numbers
+were chosen, by cross-validation on both photo sources and an out-of-domain set: docs/model.md.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-K = 40
-"""Neighbours (views) the distance is measured to."""
+K = 20
+"""Training views the distance is measured to (the ``k``-th nearest)."""
+BANK_VIEWS = 512
+"""Most views the served model carries (2.6 MB): a stratified sample beyond it."""
 FLAG_RATE = 0.025
-"""Share of real dandelion/grass photos the threshold is set to flag."""
+"""Share of real photos flagged by the distance when the sources hold no ``neither`` photo."""
+DISTANCE_RATE = 0.02
+NEITHER_RATE = 0.02
+"""With ``neither`` photos: the shares of real photos (in each group) each score may flag."""
 FOLDS = 5
 
 
@@ -43,136 +44,135 @@ def normalised(features: np.ndarray) -> np.ndarray:
     return features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
 
 
-def bank_of(views: np.ndarray) -> np.ndarray:
-    """``(n_photos, n_views, d)`` -> the unit-length feature rows of every view, ``(n_photos * n_views, d)``."""
-    return normalised(views.reshape(-1, views.shape[-1]))
+@dataclass(frozen=True)
+class Bank:
+    """Unit-length feature rows and how many training views they stand for."""
+
+    rows: np.ndarray
+    represented: int
+
+    def entries_for(self, k: int) -> int:
+        """Bank entries that stand for ``k`` training views."""
+        return max(1, min(len(self.rows), math.ceil(k * len(self.rows) / max(self.represented, 1))))
+
+    def distances(self, features: np.ndarray, k: int = K) -> np.ndarray:
+        """Cosine distance of each row of ``features`` ``(n, d)`` to its ``k``-th nearest training view."""
+        entries = self.entries_for(k)
+        out = np.empty(len(features), np.float32)
+        for start in range(0, len(features), 4096):
+            similarities = normalised(features[start : start + 4096]) @ self.rows.T
+            out[start : start + 4096] = 1.0 - np.partition(similarities, -entries, axis=1)[:, -entries]
+        return out
 
 
-def distances(bank: np.ndarray, features: np.ndarray, k: int = K) -> np.ndarray:
-    """Cosine distance of each row of ``features`` ``(n, d)`` to its ``k``-th nearest row of ``bank``."""
-    k = min(k, len(bank))
-    similarities = normalised(features) @ bank.T
-    kth = np.partition(similarities, -k, axis=1)[:, -k]
-    return (1.0 - kth).astype(np.float32)
+def bank_of(views: np.ndarray, groups: np.ndarray, cap: int = BANK_VIEWS, seed: int = 0) -> Bank:
+    """The bank of ``views`` ``(V, n, d)`` of ``n`` photos in ``groups``: every view, or a sample of ``cap`` drawn
+    from each group in proportion to its size (deterministic for the same photos and seed)."""
+    n_views, n = views.shape[0], views.shape[1]
+    total = n_views * n
+    if total <= cap:
+        return Bank(normalised(views.reshape(total, -1)), total)
+    rng = np.random.default_rng(seed)
+    per_view_groups = np.tile(groups, n_views)
+    chosen = []
+    for group in np.unique(groups):
+        members = np.flatnonzero(per_view_groups == group)
+        take = max(1, round(cap * len(members) / total))
+        chosen.append(rng.choice(members, min(take, len(members)), replace=False))
+    rows = np.sort(np.concatenate(chosen))
+    flat = views.reshape(total, -1)
+    return Bank(normalised(flat[rows]), total)
 
 
-def held_out_distances(train_views: np.ndarray, k: int = K, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
-    """Distance of each training photo (its first view) to a bank of the other folds' photos."""
-    order = np.random.default_rng(seed).permutation(len(train_views))
-    result = np.empty(len(train_views), np.float32)
+def held_out_distances(
+    views: np.ndarray, groups: np.ndarray, k: int = K, cap: int = BANK_VIEWS, folds: int = FOLDS, seed: int = 0
+) -> np.ndarray:
+    """Distance of each photo's first view to a bank of the other folds' photos (the bank it would meet served)."""
+    n = views.shape[1]
+    order = np.random.default_rng(seed).permutation(n)
+    result = np.empty(n, np.float32)
     for fold in np.array_split(order, folds):
-        rest = np.setdiff1d(np.arange(len(train_views)), fold)
-        result[fold] = distances(bank_of(train_views[rest]), train_views[fold, 0], k)
+        rest = np.setdiff1d(np.arange(n), fold)
+        result[fold] = bank_of(views[:, rest], groups[rest], cap, seed).distances(views[0, fold], k)
     return result
 
 
-@dataclass(frozen=True, slots=True)
-class DomainModel:
-    """What a model version carries to say "in domain or not": its bank, ``k`` and threshold."""
+def group_quantile(values: np.ndarray, groups: np.ndarray, rate: float) -> float:
+    """The smallest threshold that flags at most ``rate`` of the values of every group (the highest of the groups'
+    ``1 - rate`` quantiles)."""
+    return float(max(np.quantile(values[groups == g], 1.0 - rate) for g in np.unique(groups)))
 
-    bank: np.ndarray
+
+@dataclass(frozen=True)
+class DomainModel:
+    """What a model version carries to say "in domain or not"."""
+
+    bank: Bank
     k: int
     threshold: float
+    """Distance above which a photo is flagged."""
+    neither_threshold: float | None
+    """P(neither) above which a photo is flagged; None when the head learnt no refused kind."""
+    distance_rate: float
+    neither_rate: float | None
     calibration_photos: int
+    refused_kinds: tuple[str, ...] = ()
 
     def distances(self, features: np.ndarray) -> np.ndarray:
-        return distances(self.bank, features, self.k)
+        return self.bank.distances(features, self.k)
+
+    def flagged(self, distances: np.ndarray, neither: np.ndarray | None) -> np.ndarray:
+        out = distances > self.threshold
+        if self.neither_threshold is not None and neither is not None:
+            out |= neither > self.neither_threshold
+        return out
 
     def metadata(self) -> dict[str, object]:
-        """What the model's MLflow metadata says (the API reads ``threshold`` and ``score_column``)."""
+        """What the model's MLflow metadata says (the API reads the thresholds and the output columns)."""
         return {
-            "method": "cosine distance to the k-th nearest training view (pooled backbone features)",
+            "method": "cosine distance to the k-th nearest training view (pooled backbone features), and the "
+            "head's P(neither) where it learnt kinds of photos to refuse",
             "k": self.k,
             "threshold": float(self.threshold),
-            "flag_rate": FLAG_RATE,
-            "bank_views": len(self.bank),
+            "flag_rate": self.distance_rate,
+            "neither_threshold": None if self.neither_threshold is None else float(self.neither_threshold),
+            "neither_flag_rate": self.neither_rate,
+            "refused_kinds": list(self.refused_kinds),
+            "bank_views": len(self.bank.rows),
+            "bank_represents_views": self.bank.represented,
+            "bank_entries_for_k": self.bank.entries_for(self.k),
             "calibration_photos": self.calibration_photos,
         }
 
 
-def fit(train_views: np.ndarray, val_views: np.ndarray | None = None, k: int = K, seed: int = 0) -> DomainModel:
-    """The bank of ``train_views`` and a threshold flagging :data:`FLAG_RATE` of photos it does not hold."""
-    bank = bank_of(train_views)
-    calibration = [held_out_distances(train_views, k, seed=seed)]
-    if val_views is not None and len(val_views):
-        calibration.append(distances(bank, val_views[:, 0], k))
-    held_out = np.concatenate(calibration)
-    threshold = float(np.quantile(held_out, 1.0 - FLAG_RATE))
-    return DomainModel(bank, k, threshold, len(held_out))
+def rates(has_neither: bool) -> tuple[float, float | None]:
+    return (DISTANCE_RATE, NEITHER_RATE) if has_neither else (FLAG_RATE, None)
 
 
-@dataclass(frozen=True, slots=True)
-class DomainEvaluation:
-    """The recipe's in-domain score judged by cross-validation (in-domain photos) and on an out-of-domain set."""
-
-    flagged: float
-    """Share of held-out in-domain photos flagged, over all folds."""
-    caught: float
-    """Share of out-of-domain images flagged, averaged over the folds' models."""
-    auroc: float
-    """Held-out in-domain distances against out-of-domain ones (1.0: every OOD image is farther)."""
-    photos: int
-    ood_images: int
-    folds: int
-    missed: tuple[str, ...]
-    """Out-of-domain images that most folds' models took for in-domain photos."""
-
-    def metrics(self) -> dict[str, float]:
-        return {
-            "domain_cv_flagged": self.flagged,
-            "domain_ood_caught": self.caught,
-            "domain_ood_auroc": self.auroc,
-            "domain_ood_images": float(self.ood_images),
-        }
-
-    def summary(self) -> str:
-        return (
-            f"in-domain score: {self.flagged:.1%} of {self.photos} real photos flagged ({self.folds}-fold CV); "
-            f"{self.caught:.1%} of {self.ood_images} out-of-domain images caught, AUROC {self.auroc:.3f}"
-        )
-
-
-def evaluate(
-    views: np.ndarray,
-    y: np.ndarray,
-    ood_features: np.ndarray,
-    ood_names: list[str] | None = None,
+def fit(
+    train_views: np.ndarray,
+    train_groups: np.ndarray,
+    val_first_view: np.ndarray,
+    neither_held_out: tuple[np.ndarray, np.ndarray] | None,
+    refused_kinds: tuple[str, ...] = (),
     k: int = K,
-    folds: int = FOLDS,
+    cap: int = BANK_VIEWS,
     seed: int = 0,
-) -> DomainEvaluation:
-    """Cross-validate :func:`fit` on every photo: each fold's bank and threshold come from the other folds
-    (split into "train" and "validation" as the trainer splits), and are judged on the fold's photos and on
-    ``ood_features`` ``(m, d)``."""
-    from sklearn.metrics import roc_auc_score
-
-    from services.trainer.head import stratified_folds
-
-    folds = max(2, min(folds, int(np.bincount(y).min())))
-    held_in = np.empty(len(y), np.float32)
-    flagged = np.zeros(len(y), bool)
-    ood, ood_distances = [], []
-    for test in stratified_folds(y, folds, seed):
-        rest = np.setdiff1d(np.arange(len(y)), test)
-        order = np.random.default_rng(seed).permutation(rest)
-        n_val = max(1, round(len(order) * 0.15 / 0.85))  # the trainer's 70/15 train/validation proportion
-        model = fit(views[order[n_val:]], views[order[:n_val]], k, seed)
-        held_in[test] = model.distances(views[test, 0])
-        flagged[test] = held_in[test] > model.threshold
-        ood_distances.append(model.distances(ood_features))
-        ood.append(ood_distances[-1] > model.threshold)
-    caught_by = np.mean(ood, axis=0)
-    truth = np.r_[np.zeros(len(y)), np.ones(len(ood_features))]
-    auroc = float("nan")
-    if len(ood_features):
-        auroc = float(roc_auc_score(truth, np.r_[held_in, np.mean(ood_distances, axis=0)]))
-    names = ood_names or [str(i) for i in range(len(ood_features))]
-    return DomainEvaluation(
-        flagged=float(flagged.mean()),
-        caught=float(caught_by.mean()) if len(ood_features) else float("nan"),
-        auroc=auroc,
-        photos=len(y),
-        ood_images=len(ood_features),
-        folds=folds,
-        missed=tuple(name for name, share in zip(names, caught_by, strict=True) if share < 0.5),
+) -> DomainModel:
+    """The bank of the training split's photos of the two classes (``train_views`` ``(V, n, d)``), the distance
+    threshold from photos the bank does not hold (each training photo against a bank without its fold, and the
+    validation split against the bank), and the P(neither) threshold from held-out P(neither) of photos of the two
+    classes (``neither_held_out``: values and groups, from cross-validation)."""
+    distance_rate, neither_rate = rates(neither_held_out is not None)
+    bank = bank_of(train_views, train_groups, cap, seed)
+    held = [held_out_distances(train_views, train_groups, k, cap, seed=seed)]
+    if len(val_first_view):
+        held.append(bank.distances(val_first_view, k))
+    distances = np.concatenate(held)
+    threshold = float(np.quantile(distances, 1.0 - distance_rate))
+    neither_threshold = None
+    if neither_held_out is not None:
+        neither_threshold = group_quantile(neither_held_out[0], neither_held_out[1], neither_rate)
+    return DomainModel(
+        bank, k, threshold, neither_threshold, distance_rate, neither_rate, len(distances), refused_kinds
     )

@@ -1,9 +1,11 @@
-"""Ingest labelled photos into the object store + ``images`` table: from an HTTP base URL, a local folder, or
-production uploads that users labelled through ``POST /feedback``.
+"""Ingest labelled photos into the object store + ``images`` table, from the sources of :mod:`sources`.
 
-Every file is validated by the shared preprocessing, content-hashed, stored as ``raw/{label}/{sha256}.{ext}``
-and only then recorded as a row. Known hashes are skipped, so a second run writes nothing. Download
-problems are counted per file; an object store or database failure stops the run (a rerun completes it).
+Every file is validated by the shared preprocessing (the API's decoder and caps), described (the colour
+statistics of the feature store), content-hashed, stored as ``raw/{label}/{sha256}.{ext}`` and only then recorded
+as a row. Known hashes are skipped, so a second run writes nothing. Files are read by a bounded pool of workers;
+rows are written by one writer in batches (one transaction each), so an embedded SQLite database never sees two
+writers and a 100,000-photo folder costs a few hundred commits. Download problems are counted per file; an object
+store or database failure stops the run (a rerun completes it).
 """
 
 from __future__ import annotations
@@ -13,38 +15,38 @@ import hashlib
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import httpx
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from tqdm import tqdm
 
 from services.trainer.features import FEEDBACK_SOURCE_PREFIX
 from services.trainer.settings import TrainerSettings
+from services.trainer.sources import (
+    Candidate,
+    FeedbackSource,
+    FetchFailed,
+    FolderSource,
+    HttpSource,
+    Missing,
+    Reader,
+    SourceError,
+    open_source,
+    split_sources,
+)
 from shared import images
 from shared.db import open_database
-from shared.labels import LABELS
-from shared.storage import ObjectStore, ObjectStoreError, open_store
+from shared.descriptors import COLOR_COLUMNS, load
+from shared.labels import TRAINING_LABELS
+from shared.storage import ObjectStore, open_store
 from shared.tables import FeedbackRow, ImageRow, PredictionRow
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+__all__ = ["IngestReport", "SourceError", "ingest", "ingest_feedback"]
 
-
-class SourceError(RuntimeError):
-    """The source cannot be read at all, or holds no image."""
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    label: str
-    location: str
-    """Where the reader fetches the file from."""
-    origin: str | None = None
-    """What the ``images`` row records as its source, when not ``location`` (``feedback:{prediction_id}``)."""
+WRITE_INTERVAL_S = 1.0
+"""A batch that has waited this long is written even if it is not full."""
 
 
 @dataclass
@@ -57,19 +59,27 @@ class IngestReport:
     new_by_label: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     last_failure: str = ""
+    notes: list[str] = field(default_factory=list)
+    """What a limit left out, or may have: said, never silent."""
 
     @property
     def seen(self) -> int:
         return self.new + self.duplicate + sum(self.rejected.values())
 
     def summary(self) -> str:
+        return "\n".join([self.line(), *(f"  note: {note}" for note in self.notes)])
+
+    def line(self) -> str:
         rejected = f"{sum(self.rejected.values())} rejected"
         if self.rejected:
             rejected += f" ({', '.join(f'{n} {reason}' for reason, n in sorted(self.rejected.items()))})"
-        return (
+        line = (
             f"ingest: {self.new} new, {self.duplicate} already stored, {rejected}, "
             f"{self.missing} missing, {self.failed} failed ({self.seconds:.1f} s)"
         )
+        if self.new_by_label:
+            line += "; new: " + ", ".join(f"{label} {n}" for label, n in sorted(self.new_by_label.items()))
+        return line
 
 
 @dataclass
@@ -84,8 +94,8 @@ class FeedbackReport(IngestReport):
     conflicts: int = 0
     """Duplicates whose feedback label differs from the label already recorded for the image (kept)."""
 
-    def summary(self) -> str:
-        line = super().summary().replace("ingest:", "ingest (feedback):", 1)
+    def line(self) -> str:
+        line = super().line().replace("ingest:", "ingest (feedback):", 1)
         notes = [f"{self.feedback} feedback row{'' if self.feedback == 1 else 's'}"]
         if self.not_stored:
             notes.append(
@@ -97,150 +107,72 @@ class FeedbackReport(IngestReport):
         return f"{line}; {', '.join(notes)}"
 
 
-class _Missing(Exception):
-    """The source has no file at this location (HTTP 404): tolerated, counted."""
-
-
-class _FetchFailed(Exception):
-    """The file could not be fetched after retries."""
-
-
-class FolderSource:
-    """``root/{label}/*.jpg``: one subfolder per label; other folders are ignored."""
-
-    def __init__(self, root: Path, per_class: int | None) -> None:
-        self.root = root
-        self.per_class = per_class
-
-    def candidates(self) -> list[Candidate]:
-        if not self.root.is_dir():
-            raise SourceError(f"source folder {self.root} does not exist")
-        found: list[Candidate] = []
-        for label in LABELS:
-            folder = self.root / label
-            files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-            found.extend(Candidate(label, str(p.resolve())) for p in files[: self.per_class])
-        if not found:
-            raise SourceError(f"source folder {self.root} has no images under {'/, '.join(LABELS)}/")
-        return found
-
-    async def fetch(self, candidate: Candidate) -> bytes:
-        return await asyncio.to_thread(Path(candidate.location).read_bytes)
-
-    async def close(self) -> None:
-        pass
-
-
-class HttpSource:
-    """``{base}/{label}/{i:08d}.jpg`` for i < per_class, fetched with bounded retries and backoff."""
-
-    def __init__(self, base: str, per_class: int, settings: TrainerSettings) -> None:
-        self.base = base.rstrip("/")
-        self.per_class = per_class
-        self.attempts = settings.download_attempts
-        self.client = httpx.AsyncClient(
-            timeout=settings.download_timeout_s,
-            follow_redirects=True,
-            limits=httpx.Limits(max_connections=settings.download_concurrency),
-            headers={"User-Agent": "dandelion-grass-trainer"},
-        )
-
-    def candidates(self) -> list[Candidate]:
-        return [Candidate(label, f"{self.base}/{label}/{i:08d}.jpg") for label in LABELS for i in range(self.per_class)]
-
-    async def fetch(self, candidate: Candidate) -> bytes:
-        delay = 0.25
-        for attempt in range(1, self.attempts + 1):
-            try:
-                response = await self.client.get(candidate.location)
-            except httpx.TransportError as exc:
-                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            else:
-                if response.status_code == 404:
-                    raise _Missing(candidate.location)
-                if response.is_success:
-                    return response.content
-                problem = f"HTTP {response.status_code}"
-                if response.status_code not in RETRY_STATUSES:
-                    break
-            if attempt < self.attempts:
-                await asyncio.sleep(delay)
-                delay *= 2
-        raise _FetchFailed(f"{candidate.location}: {problem}")
-
-    async def close(self) -> None:
-        await self.client.aclose()
-
-
-class FeedbackSource:
-    """Uploads the API kept in the object store (``uploads/...``) whose prediction got a feedback label."""
-
-    def __init__(self, store: ObjectStore, candidates: list[Candidate]) -> None:
-        self.store = store
-        self._candidates = candidates
-
-    def candidates(self) -> list[Candidate]:
-        return self._candidates
-
-    async def fetch(self, candidate: Candidate) -> bytes:
-        try:
-            return await self.store.get(candidate.location)
-        except ObjectStoreError:
-            # Gone (an expiry rule on uploads/, a manual clean-up) is counted; an unreachable store is fatal.
-            if not await self.store.exists(candidate.location):
-                raise _Missing(candidate.location) from None
-            raise
-
-    async def close(self) -> None:
-        pass
-
-
-Reader = FolderSource | HttpSource | FeedbackSource
-
-
-def open_source(source: str, per_class: int, settings: TrainerSettings) -> FolderSource | HttpSource:
-    if source.startswith(("http://", "https://")):
-        return HttpSource(source, per_class, settings)
-    return FolderSource(Path(source).expanduser(), per_class)
-
-
 async def ingest(
     settings: TrainerSettings,
-    source: str | None = None,
+    source: str | Iterable[str] | None = None,
     per_class: int | None = None,
     *,
     progress: bool = True,
     on_stored: Callable[[ImageRow], None] | None = None,
 ) -> IngestReport:
-    """Ingest ``source`` (default: the configured data source); raises :class:`SourceError` if it is unusable."""
-    source = source or settings.data_source
-    reader = open_source(source, per_class or settings.per_class, settings)
+    """Ingest ``source`` (one ``[name=]location`` or several; default: the configured ``DATA_SOURCE``). Raises
+    :class:`SourceError` if a source is unusable. ``per_class`` limits a folder only when given."""
+    specs = split_sources(source) if isinstance(source, str) else list(source or split_sources(settings.data_source))
     report = IngestReport()
     started = time.perf_counter()
+    readers = [
+        open_source(
+            spec,
+            per_class,
+            http_per_label=settings.per_class,
+            attempts=settings.download_attempts,
+            timeout_s=settings.download_timeout_s,
+            concurrency=settings.download_concurrency,
+        )
+        for spec in specs
+    ]
     try:
-        candidates = reader.candidates()
-        if isinstance(reader, HttpSource):
-            await _probe(reader, candidates[0])
         async with open_store(settings.store) as store, open_database(settings.database) as sessions:
             async with sessions() as session:
                 known = set((await session.scalars(select(ImageRow.sha256))).all())
+                ingested = set((await session.scalars(select(ImageRow.source))).all())
+            writer = _Writer(sessions, report, on_stored, settings.ingest_batch_rows)
+            for reader in readers:
+                candidates = reader.candidates()
                 if isinstance(reader, HttpSource):
+                    await reader.probe()
                     # Files at an index URL do not change: one already ingested is not downloaded again, so the
                     # 6-hourly `run --if-needed` costs a few requests (the missing indices), not the data set.
-                    ingested = set((await session.scalars(select(ImageRow.source))).all())
                     report.duplicate += sum(c.location in ingested for c in candidates)
                     candidates = [c for c in candidates if c.location not in ingested]
-            await _ingest_all(candidates, reader, store, sessions, known, report, settings, progress, on_stored)
+                await _ingest_all(candidates, reader, store, writer, known, report, settings, progress)
+                _explain_limits(reader, report)
     finally:
-        await reader.close()
+        for reader in readers:
+            await reader.close()
         report.seconds = time.perf_counter() - started
     if report.seen == 0:
+        where = ", ".join(specs)
         if report.failed:
             raise SourceError(
-                f"source {source} is unreachable: {report.failed} downloads failed ({report.last_failure})"
+                f"source {where} is unreachable: {report.failed} downloads failed ({report.last_failure})"
             )
-        raise SourceError(f"source {source} holds no images ({report.missing} missing)")
+        raise SourceError(f"source {where} holds no images ({report.missing} missing)")
     return report
+
+
+def _explain_limits(reader: Reader, report: IngestReport) -> None:
+    if isinstance(reader, FolderSource):
+        for label, n in sorted(reader.left_out.items()):
+            report.notes.append(
+                f"{reader.name}: {n} {label} photos left out by the limit of {reader.per_label} per label"
+            )
+    elif isinstance(reader, HttpSource):
+        for label in sorted(reader.last_index_found):
+            report.notes.append(
+                f"{reader.name}: {label} has a photo at the last index tried ({reader.per_label - 1}): there may be "
+                "more; raise --per-class (TRAINER_PER_CLASS) to look further"
+            )
 
 
 async def ingest_feedback(
@@ -279,12 +211,15 @@ async def ingest_feedback(
             report.not_stored = report.feedback - len(stored)
             latest: dict[str, Candidate] = {}  # by image hash (or key when the hash is unknown); later wins
             for prediction_id, label, key, recorded_sha256 in stored:
-                if label not in LABELS:
+                if label not in TRAINING_LABELS:
                     report.rejected["unknown_label"] += 1
                     continue
                 identity = recorded_sha256 or key
                 report.duplicate += identity in latest  # the same image labelled again: counted once
-                latest[identity] = Candidate(label, key, f"{FEEDBACK_SOURCE_PREFIX}{prediction_id}")
+                latest[identity] = Candidate(
+                    label, key, "feedback" if label not in TRAINING_LABELS[:2] else label, "feedback",
+                    f"{FEEDBACK_SOURCE_PREFIX}{prediction_id}",
+                )  # fmt: skip
             candidates: list[Candidate] = []
             for sha256, candidate in latest.items():
                 if sha256 in labels_by_hash:
@@ -293,100 +228,156 @@ async def ingest_feedback(
                 else:
                     candidates.append(candidate)
             reader = FeedbackSource(store, candidates)
-            await _ingest_all(
-                candidates, reader, store, sessions, set(labels_by_hash), report, settings, progress, on_stored
-            )
+            writer = _Writer(sessions, report, on_stored, settings.ingest_batch_rows)
+            await _ingest_all(candidates, reader, store, writer, set(labels_by_hash), report, settings, progress)
     finally:
         report.seconds = time.perf_counter() - started
     return report
+
+
+class _Writer:
+    """The one writer of ``images`` rows: batches of up to ``batch`` rows (``TRAINER_INGEST_BATCH_ROWS``), one
+    transaction each, written when full or :data:`WRITE_INTERVAL_S` after their first row.
+
+    Rows arrive only after their object is stored. A batch that meets a row another ingest wrote meanwhile (a
+    unique-hash conflict) is written again row by row, so only the duplicate is dropped (and counted).
+    """
+
+    def __init__(
+        self, sessions, report: IngestReport, on_stored: Callable[[ImageRow], None] | None, batch: int
+    ) -> None:
+        self.sessions = sessions
+        self.report = report
+        self.on_stored = on_stored
+        self.batch = batch
+        self.queue: asyncio.Queue[ImageRow | None] = asyncio.Queue(maxsize=4 * batch)
+
+    async def run(self) -> None:
+        batch: list[ImageRow] = []
+        done = False
+        while not done:
+            try:
+                row = await asyncio.wait_for(self.queue.get(), WRITE_INTERVAL_S if batch else None)
+            except TimeoutError:
+                row = False
+            if row is None:
+                done = True
+            elif row is not False:
+                batch.append(row)
+            if batch and (done or row is False or len(batch) >= self.batch):
+                await self._write(batch)
+                batch = []
+
+    async def _write(self, batch: list[ImageRow]) -> None:
+        try:
+            async with self.sessions() as session:
+                session.add_all(batch)
+                await session.commit()
+            written = batch
+        except IntegrityError:
+            written = []
+            for row in batch:
+                async with self.sessions() as session:
+                    session.add(_copy(row))
+                    try:
+                        await session.commit()
+                    except IntegrityError:
+                        self.report.duplicate += 1  # another ingest recorded it between our read and now
+                        continue
+                written.append(row)
+        for row in written:
+            self.report.new += 1
+            self.report.new_by_label[row.label] += 1
+            if self.on_stored:
+                self.on_stored(row)
+
+
+def _copy(row: ImageRow) -> ImageRow:
+    """A fresh, unattached row with the same values (the batch's rows belong to a rolled-back session)."""
+    return ImageRow(
+        **{column.key: getattr(row, column.key) for column in ImageRow.__table__.columns if column.key != "id"}
+    )
 
 
 async def _ingest_all(
     candidates: list[Candidate],
     reader: Reader,
     store: ObjectStore,
-    sessions,
+    writer: _Writer,
     known: set[str],
     report: IngestReport,
     settings: TrainerSettings,
     progress: bool,
-    on_stored: Callable[[ImageRow], None] | None,
 ) -> None:
+    """Read, validate and store ``candidates`` with a bounded pool of workers; rows go to ``writer``."""
     bar = tqdm(total=len(candidates), desc="ingest", unit="img", disable=not progress, file=sys.stderr)
-    limit = asyncio.Semaphore(settings.download_concurrency)
+    pending = iter(candidates)
 
-    async def one(candidate: Candidate) -> None:
-        async with limit:
-            await _ingest_one(candidate, reader, store, sessions, known, report, on_stored)
-        bar.update()
+    async def worker() -> None:
+        for candidate in pending:
+            row = await _ingest_one(candidate, reader, store, known, report)
+            if row is not None:
+                await writer.queue.put(row)
+            bar.update()
+
+    async def read_all_then_stop() -> None:
+        async with asyncio.TaskGroup() as readers:
+            for _ in range(max(1, settings.download_concurrency)):
+                readers.create_task(worker())
+        await writer.queue.put(None)  # everything is queued: the writer writes the rest and stops
 
     try:
         async with asyncio.TaskGroup() as group:
-            for candidate in candidates:
-                group.create_task(one(candidate))
+            group.create_task(writer.run(), name="images-writer")
+            group.create_task(read_all_then_stop())
     except* Exception as errors:
         # The first store/database failure is the one to report; the rest are its echoes.
-        raise errors.exceptions[0] from None
+        raise _first(errors) from None
     finally:
         bar.close()
 
 
-async def _probe(reader: HttpSource, first: Candidate) -> None:
-    """Fail fast, with one clear line, when the base URL cannot be reached at all."""
-    try:
-        await reader.client.head(first.location)
-    except httpx.TransportError as exc:
-        raise SourceError(f"source {reader.base} is unreachable: {type(exc).__name__}: {exc}") from None
+def _first(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
 
 
 async def _ingest_one(
-    candidate: Candidate,
-    reader: Reader,
-    store: ObjectStore,
-    sessions,
-    known: set[str],
-    report: IngestReport,
-    on_stored: Callable[[ImageRow], None] | None,
-) -> None:
+    candidate: Candidate, reader: Reader, store: ObjectStore, known: set[str], report: IngestReport
+) -> ImageRow | None:
+    """Fetch, validate, describe and store one file; its row (to be written), or None when there is none."""
     try:
         data = await reader.fetch(candidate)
-    except _Missing:
+    except Missing:
         report.missing += 1
-        return
-    except (_FetchFailed, OSError) as exc:
+        return None
+    except (FetchFailed, OSError) as exc:
         report.failed += 1
         report.last_failure = str(exc)
-        return
+        return None
     try:
-        decoded = await asyncio.to_thread(images.decode, data)
+        loaded = await asyncio.to_thread(load, data)
+        descriptors = await asyncio.to_thread(loaded.describe)
     except images.ImageError as exc:
         report.rejected[exc.code] += 1
-        return
+        return None
     sha256 = hashlib.sha256(data).hexdigest()
     if sha256 in known:
         report.duplicate += 1
-        return
+        return None
     known.add(sha256)
-    key = f"raw/{candidate.label}/{sha256}.{images.EXTENSIONS.get(decoded.format, 'img')}"
-    await store.put(key, data, content_type=images.MIME_TYPES.get(decoded.format, "application/octet-stream"))
-    row = ImageRow(
+    key = f"raw/{candidate.label}/{sha256}.{images.EXTENSIONS.get(loaded.format, 'img')}"
+    await store.put(key, data, content_type=images.MIME_TYPES.get(loaded.format, "application/octet-stream"))
+    return ImageRow(
         sha256=sha256,
         label=candidate.label,
-        source=candidate.origin or candidate.location,
+        source=candidate.recorded_source or candidate.location,
         object_key=key,
-        width=decoded.width,
-        height=decoded.height,
+        width=loaded.width,
+        height=loaded.height,
         byte_size=len(data),
+        origin=candidate.origin,
+        kind=candidate.kind,
+        **{column: descriptors[column] for column in COLOR_COLUMNS},
     )
-    async with sessions() as session:
-        session.add(row)
-        try:
-            await session.commit()
-        except IntegrityError:
-            # Another ingest recorded the same image between our read of the known hashes and now.
-            report.duplicate += 1
-            return
-    report.new += 1
-    report.new_by_label[candidate.label] += 1
-    if on_stored:
-        on_stored(row)

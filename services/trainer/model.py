@@ -4,8 +4,8 @@ Serving contract: input float32 ``(-1, 224, 224, 3)`` in [0, 1] (the seed's), ou
 each class in :data:`shared.labels.LABELS` order. Inside, the image is resized to the backbone's working
 side (upsampling the contract's 224 px lets the ImageNet features see small flower heads at a scale they
 know), normalised as EfficientNet-Lite expects, pooled to 1280 features, and classified by one softmax
-layer. The feature extractor used for training *is* the front of the served model (same layers, same
-weights), so the head is trained on exactly the features it will be served.
+layer. The feature extractor the embeddings are computed with (:mod:`extractor`) is the LiteRT conversion of the
+front of this model (same layers, same weights), so the head is trained on the features it will be served.
 Only built-in Keras layers and ``keras.ops`` are used: any MLflow/Keras installation loads the model.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from services.trainer.head import LinearHead
+from services.trainer.head import SoftmaxHead
 from shared.images import MODEL_SIZE
 from shared.labels import LABELS
 
@@ -32,25 +32,27 @@ def feature_model(backbone: keras.Model, resolution: int) -> keras.Model:
     return keras.Model(inputs, backbone(x), name="features")
 
 
-def serving_model(features: keras.Model, head: LinearHead, tta: bool = False) -> keras.Model:
-    """The exported model; with ``tta`` it averages the image and its mirror image inside its forward pass."""
-    return serving_models(features, head, tta)[0]
+def feature_map_model(features: keras.Model) -> keras.Model:
+    """The same layers as ``features`` up to the backbone's last feature map, before pooling: ``(-1, g, g, 1280)``
+    (``g`` = the working side / 32). What the class activation map is computed from."""
+    backbone = next(layer for layer in features.layers if isinstance(layer, keras.Model))
+    before_pooling = keras.Model(backbone.input, backbone.get_layer("pool").input, name="feature_map")
+    inputs = features.input
+    x = inputs
+    for layer in features.layers[1:]:
+        x = before_pooling(x) if layer is backbone else layer(x)
+    return keras.Model(inputs, x, name="features_map")
 
 
-def serving_models(features: keras.Model, head: LinearHead, tta: bool = False) -> tuple[keras.Model, keras.Model]:
-    """The exported model, and the same graph with a second output: the pooled features of the image (what
-    the in-domain distance is computed from, in the same pass)."""
+def serving_model(features: keras.Model, head: SoftmaxHead) -> keras.Model:
+    """The exported model: float32 ``(-1, 224, 224, 3)`` in [0, 1] -> the calibrated probabilities of
+    :data:`LABELS` (one softmax ``Dense`` layer on the pooled features, the head's standardisation and calibration
+    folded in). What MLflow clients and ``mlflow models serve`` run; the LiteRT export adds columns to it."""
     classifier = keras.layers.Dense(len(LABELS), activation="softmax", name="probabilities")
     classifier.build((None, features.output_shape[-1]))
     classifier.set_weights(list(head.dense_weights()))
     inputs = keras.Input((MODEL_SIZE, MODEL_SIZE, 3), name="image", dtype="float32")
-    pooled = features(inputs)
-    probabilities = classifier(pooled)
-    if tta:
-        mirrored = classifier(features(keras.ops.flip(inputs, axis=2)))
-        probabilities = keras.layers.Average(name="tta_mean")([probabilities, mirrored])
-    served = keras.Model(inputs, probabilities, name="dandelion_grass")
-    return served, keras.Model(inputs, [probabilities, pooled], name="dandelion_grass_with_features")
+    return keras.Model(inputs, classifier(features(inputs)), name="dandelion_grass")
 
 
 def traced(model: keras.Model, batch_size: int = 16) -> Callable[[np.ndarray], np.ndarray]:

@@ -58,16 +58,48 @@ def current_champion(client: MlflowClient, settings: RegistrySettings) -> tuple[
     return version.version, version.run_id
 
 
-def evaluate_version(settings: RegistrySettings, version: str, x: np.ndarray) -> np.ndarray:
-    """The probabilities a registered version gives ``x``, in the product's label order."""
+HEAD_ARTIFACT = "head/head.npz"
+"""The fitted head of each run (its weights, standardisation, calibration): the gate re-scores a champion with it
+from cached embeddings instead of running its whole network on the test photos."""
+
+
+def champion_head(client: MlflowClient, run_id: str, spec_key: str):
+    """The champion's head if it was trained on embeddings of ``spec_key`` (the same backbone, weights and side),
+    else None (an older or different recipe: its own network has to answer)."""
+    from services.trainer.head import SoftmaxHead
+
+    run = client.get_run(run_id)
+    if run.data.params.get("embedding_spec") != spec_key:
+        return None
+    try:
+        local = client.download_artifacts(run_id, HEAD_ARTIFACT)
+    except MlflowException:
+        return None
+    with np.load(local) as arrays:
+        return SoftmaxHead.from_arrays(arrays)
+
+
+def evaluate_version(settings: RegistrySettings, version: str, photos) -> np.ndarray:
+    """The probabilities a registered version gives the image files ``photos`` (an iterable of bytes, read in
+    batches: memory is one batch), in the product's label order, by running its own network."""
     from services.trainer.model import traced
+    from shared.images import preprocess
     from shared.labels import LABELS
 
     uri = f"models:/{settings.model_name}/{version}"
     model = mlflow.tensorflow.load_model(uri)
     info = mlflow.models.get_model_info(uri)
     labels = tuple((info.metadata or {}).get("labels", LABELS))
-    probs = traced(model)(x)
+    run = traced(model)
+    answers, batch = [], []
+    for data in photos:
+        batch.append(preprocess(data))
+        if len(batch) == 64:
+            answers.append(run(np.stack(batch)))
+            batch = []
+    if batch:
+        answers.append(run(np.stack(batch)))
+    probs = np.concatenate(answers) if answers else np.zeros((0, len(LABELS)), np.float32)
     return probs[:, [labels.index(label) for label in LABELS]]
 
 

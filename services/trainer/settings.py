@@ -28,9 +28,13 @@ class TrainerSettings(BaseSettings):
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     data_source: str = Field(DEFAULT_DATA_SOURCE, validation_alias="DATA_SOURCE")
-    """HTTP(S) base laid out as ``{base}/{label}/{i:08d}.jpg``, or a local folder with a subfolder per label."""
+    """Where labelled photos come from: one or more ``[name=]location`` separated by commas, each an HTTP(S) base
+    laid out as ``{base}/{label}/{i:08d}.jpg`` or a local folder with ``dandelion/`` and ``grass/`` subfolders (any
+    other subfolder holds photos of neither). See ``services.trainer.sources``."""
     per_class: int = 200
-    """How many indices per label to try on an HTTP source (and the most files per label from a folder)."""
+    """How many indices per label to try on an HTTP source (it cannot be listed). Folders give all their photos."""
+    ingest_batch_rows: int = Field(500, ge=1)
+    """``images`` rows written per transaction by ingest's one writer."""
     download_concurrency: int = 16
     download_attempts: int = 4
     download_timeout_s: float = 20.0
@@ -38,6 +42,15 @@ class TrainerSettings(BaseSettings):
     feature_set_name: str = "dandelion-grass"
     split_val_percent: int = 15
     split_test_percent: int = 15
+
+    embed_workers: int = Field(0, ge=0)
+    """Processes that compute embeddings in ``run`` and ``embed`` (0: one per CPU)."""
+    embed_threads: int = Field(0, ge=0)
+    """Threads of each embedding process's extractor (0: all CPUs; ``--workers`` sets it to CPUs / workers)."""
+    embed_shard_photos: int = Field(256, ge=1)
+    """Photos per embedding shard (Parquet file): what a killed ``embed`` part can lose (~10 s of work)."""
+    shard_index: int | None = Field(None, validation_alias="JOB_COMPLETION_INDEX")
+    """The part ``embed --shards N`` computes when ``--shard`` is not given: a Kubernetes Indexed Job's pod index."""
 
     seed: int = 42
     """Shuffles the cross-validation folds (the recipe itself has nothing random: same data, same model)."""
@@ -48,19 +61,18 @@ class TrainerSettings(BaseSettings):
     resolution: int = Field(288, ge=96, le=512)
     """Side the backbone sees: the model resizes the 224 x 224 contract to it inside (288 beat 224 in
     cross-validation: small flower heads reach the scale the ImageNet features know)."""
-    tta: bool = False
-    """Average each answer over the image and its mirror image inside the model (doubles the serving cost;
-    it did not beat a head trained on both views in cross-validation)."""
     head_c_grid: tuple[float, ...] = C_GRID
     """Inverse regularisation strengths of the logistic-regression head, chosen by cross-validation."""
     cv_folds: int = Field(5, ge=2)
     """Folds of the cross-validation that chooses the head's regularisation and estimates the recipe."""
     cv_repeats: int = Field(3, ge=1)
     """Fold shuffles of each run's estimate of the recipe (one shuffle moves it by a few tenths of a point)."""
-    domain_k: int = Field(40, ge=1)
+    domain_k: int = Field(20, ge=1)
     """In-domain score: distance to the k-th nearest training view (see ``services.trainer.indomain``)."""
     ood_set: Path = Path("var/ood-set")
     """Where the out-of-domain evaluation set is built once and reused (``services.trainer.oodset``)."""
+    revision: str | None = Field(None, validation_alias="SOURCE_REVISION")
+    """The source revision the model card names (images set it; a checkout asks ``git``)."""
     promotion_floor: float = 0.80
     """A new version must reach at least this test accuracy to become the champion."""
     promotion_min_gain: float = 0.0

@@ -168,7 +168,9 @@ def test_ingress_limits_match_the_api(rendered: list[dict[str, Any]]) -> None:
     (service,) = _by_kind(rendered, "Service")
     notes = ingress["metadata"]["annotations"]
     defaults = ApiSettings()
-    assert int(notes["nginx.ingress.kubernetes.io/proxy-body-size"].removesuffix("m")) * 2**20 == defaults.max_body_bytes
+    assert (
+        int(notes["nginx.ingress.kubernetes.io/proxy-body-size"].removesuffix("m")) * 2**20 == defaults.max_body_bytes
+    )
     assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > defaults.request_timeout_s
     assert int(notes["nginx.ingress.kubernetes.io/proxy-send-timeout"]) >= defaults.body_read_timeout_s
     backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]

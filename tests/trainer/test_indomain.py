@@ -1,5 +1,5 @@
-"""The in-domain score: its distance, its threshold's calibration, its cross-validated evaluation, and the
-out-of-domain set it is judged on."""
+"""The in-domain verdict: the distance to a bounded bank, its thresholds, P(neither), their cross-validated
+figures (and calibration's) on synthetic data with two sources and refused kinds; and the out-of-domain set."""
 
 from __future__ import annotations
 
@@ -8,60 +8,144 @@ import json
 import numpy as np
 import pytest
 
-from services.trainer import indomain, oodset
-
-
-def clusters(rng: np.random.Generator, n: int, centre: np.ndarray, spread: float = 0.3) -> np.ndarray:
-    """``(n, 2 views, d)`` features around ``centre``: a photo and a slightly different mirror image."""
-    photos = centre + spread * rng.normal(size=(n, len(centre)))
-    mirrors = photos + 0.05 * rng.normal(size=photos.shape)
-    return np.stack([photos, mirrors], axis=1).astype(np.float32)
+from services.trainer import calibration, crosssource, crossval, estimates, indomain, oodset
+from tests.trainer.synthetic import TWO_SOURCES, synthetic
 
 
 def test_distance_is_the_cosine_distance_to_the_kth_nearest_view() -> None:
     rng = np.random.default_rng(0)
-    bank_views, queries = rng.normal(size=(30, 2, 8)), rng.normal(size=(5, 8))
-    bank = indomain.bank_of(bank_views)
-    got = indomain.distances(bank, queries, k=7)
-    flat = bank_views.reshape(-1, 8)
+    views, queries = rng.normal(size=(2, 30, 8)), rng.normal(size=(5, 8))
+    bank = indomain.bank_of(views, np.array(["a"] * 30))
+    assert bank.represented == 60 and len(bank.rows) == 60 and bank.entries_for(7) == 7
+    got = bank.distances(queries, k=7)
+    flat = views.reshape(-1, 8)
     for query, distance in zip(queries, got, strict=True):
         cosines = flat @ query / (np.linalg.norm(flat, axis=1) * np.linalg.norm(query))
         assert distance == pytest.approx(1 - np.sort(cosines)[-7], abs=1e-5)
     # The length of a feature vector does not matter, only its direction.
-    np.testing.assert_allclose(indomain.distances(bank, 3 * queries, k=7), got, atol=1e-6)
+    np.testing.assert_allclose(bank.distances(3 * queries, k=7), got, atol=1e-6)
 
 
-def test_the_threshold_flags_about_the_chosen_share_of_new_in_domain_photos() -> None:
-    """Calibrated on held-out distances, then judged on many new photos of the same distribution."""
+def test_the_bank_is_bounded_and_stratified_whatever_the_data() -> None:
+    """The served model carries at most `cap` views: a sample drawn from each group in proportion, each standing
+    for the views it was drawn from, so k still counts views of the whole training set."""
     rng = np.random.default_rng(1)
-    centre = rng.normal(size=64)
-    model = indomain.fit(clusters(rng, 300, centre), clusters(rng, 60, centre), k=20)
-    assert model.calibration_photos == 360
-    new = clusters(rng, 4000, centre)[:, 0]
-    flagged = float(np.mean(model.distances(new) > model.threshold))
-    # 2.5 % by design; a bank of all 300 photos is a little closer than the 240-photo banks of calibration.
-    assert 0.005 <= flagged <= indomain.FLAG_RATE + 0.01, flagged
-    elsewhere = clusters(rng, 200, rng.normal(size=64))[:, 0]
-    assert np.mean(model.distances(elsewhere) > model.threshold) == 1.0
-    meta = model.metadata()
-    assert meta["k"] == 20 and meta["threshold"] == pytest.approx(model.threshold) and meta["bank_views"] == 600
+    groups = np.array(["a"] * 300 + ["b"] * 100)
+    views = rng.normal(size=(2, 400, 16))
+    bank = indomain.bank_of(views, groups, cap=64, seed=0)
+    assert len(bank.rows) == 64 and bank.represented == 800
+    assert bank.entries_for(20) == 2  # 20 of 800 views: 1.6 bank entries, rounded up
+    again = indomain.bank_of(views, groups, cap=64, seed=0)
+    np.testing.assert_array_equal(again.rows, bank.rows)
+    bigger = indomain.bank_of(rng.normal(size=(2, 4000, 16)), np.array(["a"] * 4000), cap=64, seed=0)
+    assert len(bigger.rows) == 64, "ten times the photos, the same bank size"
+    per_group = {g: 0 for g in "ab"}
+    flat_groups = np.tile(groups, 2)
+    for row in bank.rows:  # each bank row is one of the views, of its group
+        match = np.flatnonzero(np.isclose(indomain.normalised(views.reshape(-1, 16)) @ row, 1.0, atol=1e-5))
+        per_group[flat_groups[match[0]]] += 1
+    assert per_group == {"a": 48, "b": 16}
 
 
-def test_evaluation_cross_validates_flagged_and_caught() -> None:
+def test_group_quantile_flags_at_most_the_rate_in_every_group() -> None:
     rng = np.random.default_rng(2)
-    centre = rng.normal(size=32)
-    views = np.concatenate([clusters(rng, 80, centre), clusters(rng, 80, centre + 0.2)])
-    y = np.repeat([0, 1], 80)
-    far = clusters(rng, 30, rng.normal(size=32))[:, 0]
-    near = clusters(rng, 3, centre)[:, 0]  # "out-of-domain" images that are really in domain: missed
-    result = indomain.evaluate(views, y, np.concatenate([far, near]), [f"far{i}" for i in range(30)] + ["a", "b", "c"])
-    assert result.photos == 160 and result.ood_images == 33 and result.folds == 5
-    assert result.flagged <= 0.06
-    assert result.caught == pytest.approx(30 / 33, abs=0.04)
-    assert set(result.missed) == {"a", "b", "c"}
-    assert 0.85 < result.auroc < 1.0
-    assert set(result.metrics()) == {"domain_cv_flagged", "domain_ood_caught", "domain_ood_auroc", "domain_ood_images"}
-    assert "real photos flagged (5-fold CV)" in result.summary()
+    values = np.concatenate([rng.random(1000), rng.random(200) + 0.5])
+    groups = np.array(["tight"] * 1000 + ["wide"] * 200)
+    threshold = indomain.group_quantile(values, groups, 0.02)
+    for g in ("tight", "wide"):
+        assert np.mean(values[groups == g] > threshold) <= 0.02 + 1e-9
+
+
+def test_the_distance_threshold_flags_about_the_chosen_share_of_new_photos() -> None:
+    data = synthetic({("dandelion", "dandelion", "a"): 300, ("grass", "grass", "a"): 300}, seed=3, separation=0.0)
+    train = np.flatnonzero(data.split == "train")
+    val = np.flatnonzero(data.split == "val")
+    model = indomain.fit(data.views[:, train], data.group[train], data.views[0, val], None, k=20, cap=128)
+    assert model.neither_threshold is None and model.distance_rate == indomain.FLAG_RATE
+    new = synthetic({("dandelion", "dandelion", "a"): 2000}, seed=3, separation=0.0)
+    flagged = float(np.mean(model.distances(new.views[0]) > model.threshold))
+    assert 0.005 <= flagged <= indomain.FLAG_RATE + 0.02, flagged
+    far = synthetic({("dandelion", "elsewhere", "a"): 100}, seed=99, separation=0.0).views[0] * -1.0
+    assert np.mean(model.distances(far) > model.threshold) == 1.0
+    meta = model.metadata()
+    assert meta["k"] == 20 and meta["bank_views"] == 128 and meta["threshold"] == pytest.approx(model.threshold)
+
+
+def figures(data, c=0.1, seed=0):
+    ood = -np.abs(synthetic({("dandelion", "far", "x"): 30}, seed=50).views[0].astype(np.float32))
+    plan = crossval.plan(len(data), 5, 1)
+    oof = crossval.out_of_fold(data, ood, plan, (c,), c, seed, k=10, cap=64)
+    held = estimates.neither_held_out(data, oof)
+    threshold = indomain.group_quantile(held[0], held[1], indomain.NEITHER_RATE) if held else None
+    return oof, estimates.estimate(data, oof, plan, threshold, [f"far{i}" for i in range(30)]), threshold
+
+
+def test_cross_validated_figures_on_two_sources_and_refused_kinds() -> None:
+    data = synthetic(TWO_SOURCES, seed=4)
+    oof, est, threshold = figures(data)
+    assert threshold is not None and len(oof.index) == len(data)
+    assert est.mean > 0.9 and set(est.recall) == {"dandelion", "grass"}
+    assert set(est.by_group) == {"dandelion/lawns", "dandelion/flowers", "grass/lawns"}
+    assert est.flagged <= 0.12, "about 2 % by distance and 2 % by P(neither) in each group, and more at worst"
+    assert set(est.caught_by_kind) == {"daisy", "rose"} and min(est.caught_by_kind.values()) > 0.9
+    assert est.ood_caught > 0.9 and est.ood_images == 30
+    metrics = est.metrics()
+    for name in ("cv_accuracy_mean", "domain_cv_flagged", "domain_caught_daisy", "calibration_ece_after",
+                 "low_confidence_share", "cv_accuracy_dandelion_flowers", "domain_ood_caught"):  # fmt: skip
+        assert np.isfinite(metrics[name]), name
+
+
+def test_without_refused_photos_there_is_no_p_neither_and_the_old_rate() -> None:
+    data = synthetic({("dandelion", "dandelion", "a"): 80, ("grass", "grass", "a"): 80}, seed=5)
+    _, est, threshold = figures(data)
+    assert threshold is None and est.caught_by_kind == {}
+    assert "domain_neither_caught" not in est.metrics()
+
+
+def test_temperature_scaling_recovers_an_overconfident_model() -> None:
+    """Logits three times too large: calibration finds a temperature near 3 and the error falls."""
+    rng = np.random.default_rng(6)
+    truth = rng.normal(size=4000) * 2.0
+    y = (rng.random(4000) < 1 / (1 + np.exp(-truth))).astype(int)
+    logits = np.stack([np.zeros(4000), 3.0 * truth], axis=1)
+    fitted = calibration.fit(logits, y)
+    assert fitted.method == "temperature" and fitted.temperature == pytest.approx(3.0, rel=0.1)
+    before = calibration.expected_calibration_error(calibration.two_class(logits), y)
+    after = calibration.expected_calibration_error(fitted.apply(logits), y)
+    assert after < 0.02 < before
+    assert fitted.log_loss["temperature"] < fitted.log_loss["none"]
+
+
+def test_platt_scaling_wins_only_when_a_shift_is_needed() -> None:
+    rng = np.random.default_rng(7)
+    truth = rng.normal(size=4000) * 2.0
+    y = (rng.random(4000) < 1 / (1 + np.exp(-truth))).astype(int)
+    shifted = np.stack([np.zeros(4000), truth + 1.5], axis=1)  # a biased model: temperature cannot fix it
+    assert calibration.fit(shifted, y).method == "platt"
+    fine = np.stack([np.zeros(4000), truth], axis=1)
+    assert calibration.fit(fine, y).method == "temperature"
+
+
+def test_the_low_confidence_point_is_where_answers_stop_being_right_nine_times_in_ten() -> None:
+    rng = np.random.default_rng(8)
+    confidence = rng.uniform(0.5, 1.0, 20_000)
+    right = rng.random(20_000) < confidence  # perfectly calibrated
+    y = np.where(right, 1, 0)
+    probabilities = np.stack([1 - confidence, confidence], axis=1)
+    threshold = calibration.low_confidence_threshold(probabilities, y)
+    assert threshold == pytest.approx(0.9, abs=0.02)
+    assert np.mean(right[confidence < threshold]) < 0.9 < np.mean(right[confidence >= threshold])
+
+
+def test_cross_source_estimates_hold_a_source_or_a_kind_out() -> None:
+    data = synthetic(TWO_SOURCES, seed=9)
+    result = crosssource.estimate(data, np.arange(len(data)), 0.1, 0.8)
+    assert [c.what for c in result.sources] == ["dandelion/flowers", "dandelion/lawns"]
+    assert [c.what for c in result.kinds] == ["neither/daisy", "neither/rose"]
+    assert result.not_estimable == ["grass: one source only (lawns)"]
+    assert all(0 <= c.right <= 1 and c.photos > 0 for c in result.sources + result.kinds)
+    assert {"xs_dandelion_flowers_recall", "xk_daisy_caught"} <= set(result.metrics())
+    assert "never seen" in result.summary()
 
 
 def test_the_out_of_domain_set_is_built_reproducibly_and_reused(tmp_path) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import http.server
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,7 +155,8 @@ def test_cli_exit_codes(stack_settings: TrainerSettings, monkeypatch, capsys, tm
 
     (tmp_path / "empty" / "grass").mkdir(parents=True)
     assert main(["ingest", "--quiet", "--source", str(tmp_path / "empty")]) == 1
-    assert "has no images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no photos under dandelion/ or grass/" in err and "subfolder" in err
 
     assert main(["ingest", "--quiet", "--source", str(data_dir), "--per-class", "2"]) == 0
     assert "4 new" in capsys.readouterr().out
@@ -199,7 +201,7 @@ def test_outage_mid_ingest_then_rerun_completes(stack_settings: TrainerSettings,
     s3 = TcpProxy(s3_host, int(s3_port)).start()
     db = TcpProxy("127.0.0.1", 3306).start()
     settings = _proxied(stack_settings, s3=s3, db=db)
-    settings = settings.model_copy(update={"download_concurrency": 4})
+    settings = settings.model_copy(update={"download_concurrency": 4, "ingest_batch_rows": 16})
     broken = s3 if which == "s3" else db
 
     stored = 0
@@ -256,3 +258,58 @@ def test_ingest_refuses_what_the_api_refuses(stack_settings: TrainerSettings, tm
     report = asyncio.run(ingest(stack_settings, str(folder), progress=False))
     assert report.new == 1
     assert report.rejected == {"unsupported_format": 2, "image_too_large": 1}
+
+
+def test_a_folder_gives_all_its_photos_and_a_limit_says_what_it_left_out(
+    stack_settings: TrainerSettings, tmp_path: Path
+) -> None:
+    """TRAINER_PER_CLASS (200) counts HTTP indices only: a folder of 210 photos a class is ingested whole (it was
+    silently cut to 200); an explicit --per-class limits it, and the summary says by how much."""
+    from tests.crafted import write_crafted_folder
+
+    folder = write_crafted_folder(tmp_path / "many", per_class=210)
+    limited = asyncio.run(ingest(stack_settings, str(folder), per_class=200, progress=False))
+    assert limited.new == 400
+    assert "10 dandelion photos left out by the limit of 200" in limited.summary()
+    everything = asyncio.run(ingest(stack_settings, str(folder), progress=False))
+    assert (everything.new, everything.duplicate) == (20, 400) and "note" not in everything.summary()
+
+
+def test_several_sources_are_named_and_recorded(stack_settings: TrainerSettings, tmp_path: Path, mirror) -> None:
+    from tests.crafted import write_crafted_folder
+
+    folder = write_crafted_folder(tmp_path / "garden", per_class=3, refused={"tulip": 2})
+    report = asyncio.run(ingest(stack_settings, [str(folder), f"upstream={mirror}"], per_class=2, progress=False))
+    rows, _ = asyncio.run(table_and_bucket(stack_settings))
+    by_origin = Counter((r.origin, r.label, r.kind) for r in rows)
+    assert by_origin == {
+        ("garden", "dandelion", "dandelion"): 2,
+        ("garden", "grass", "grass"): 2,
+        ("garden", "neither", "tulip"): 2,
+        ("upstream", "dandelion", "dandelion"): 2,
+        ("upstream", "grass", "grass"): 2,
+    }
+    assert all(r.rgb_r_mean is not None for r in rows), "described at ingest"
+    summary = report.summary()
+    assert "garden: 1 dandelion photos left out by the limit of 2" in summary
+    assert "upstream: dandelion has a photo at the last index tried (1): there may be more" in summary
+
+
+def test_embedded_ingest_of_a_large_folder_has_one_writer(tmp_path: Path) -> None:
+    """SQLite, 16 readers: the rows go through one writer in batches (12,800 photos once failed with "database is
+    locked" after ~5,000 rows)."""
+    from services.trainer.settings import TrainerSettings as Settings
+    from shared.settings import ObjectStoreSettings
+    from tests.crafted import write_crafted_folder
+
+    folder = write_crafted_folder(tmp_path / "photos", per_class=300)
+    settings = Settings(
+        store=ObjectStoreSettings(url=str(tmp_path / "objects")),
+        database=DatabaseSettings(url=f"sqlite+aiosqlite:///{tmp_path}/embedded.db"),
+        download_concurrency=16,
+        ingest_batch_rows=16,
+    )
+    report = asyncio.run(ingest(settings, str(folder), progress=False))
+    assert (report.new, report.failed, sum(report.rejected.values())) == (600, 0, 0)
+    rows, keys = asyncio.run(table_and_bucket(settings))
+    assert len(rows) == len(keys) == 600

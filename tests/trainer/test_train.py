@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import boto3
@@ -26,7 +27,15 @@ from tests.crafted import crafted_jpeg, crafted_training
 def crafted_settings(
     stack_settings: TrainerSettings, registry_settings: RegistrySettings, tmp_path: Path
 ) -> TrainerSettings:
-    return crafted_training(stack_settings, registry_settings, tmp_path / "crafted", per_class=40, floor=0.75)
+    return crafted_training(
+        stack_settings, registry_settings, tmp_path / "crafted", per_class=40, floor=0.75, refused={"daisy": 30}
+    )
+
+
+def card_rows(card: str) -> dict[str, str]:
+    """``metric -> value`` of the model card's evidence table."""
+    rows = re.findall(r"^\| (.+?) \| (.+?) \| `([a-z0-9_\-]+)` \|$", card, flags=re.MULTILINE)
+    return {metric: value for _, value, metric in rows}
 
 
 @pytest.mark.slow
@@ -44,34 +53,48 @@ def test_train_register_gate_and_serve_contract(
     assert client.get_model_version_by_alias(registry.model_name, "champion").version == "1"
 
     run = client.get_run(first.run_id)
-    assert run.data.params["feature_set_version"] == "1"
-    assert run.data.params["labels"] == "dandelion,grass"
-    assert run.data.params["backbone"] == "efficientnet-lite0"
+    params = run.data.params
+    assert params["feature_set_version"] == "1" and params["labels"] == "dandelion,grass"
+    assert params["backbone"] == "efficientnet-lite0" and params["head_classes"] == "dandelion,grass,daisy"
+    assert params["embedding_spec"].startswith("efficientnet-lite0@128-")
+    metrics = run.data.metrics
     for key in ("test_accuracy", "test_precision", "test_recall", "test_f1", "test_roc_auc", "cm_dandelion_as_grass"):
-        assert any(k.endswith(key) for k in run.data.metrics), key
-    # The honest estimate travels with the run, beside the test split's.
-    cv = first.cross_validation
-    assert run.data.metrics["cv_accuracy_mean"] == pytest.approx(cv.mean)
-    assert run.data.metrics["cv_accuracy_sd"] == pytest.approx(cv.sd)
-    assert {"cv_recall_dandelion", "cv_recall_grass"} <= set(run.data.metrics)
-    assert cv.photos == 80 and len(cv.fold_accuracies) == settings.cv_folds * settings.cv_repeats and cv.mean >= 0.9
-    assert run.data.metrics["head_c"] in settings.head_c_grid
-    artifacts = {a.path for a in client.list_artifacts(first.run_id, "report")}
+        assert any(k.endswith(key) for k in metrics), key
+    # The honest estimate travels with the run, beside the test split's: accuracy, calibration, "neither".
+    est = first.estimates
+    assert metrics["cv_accuracy_mean"] == pytest.approx(est.mean) and metrics["cv_accuracy_sd"] == pytest.approx(est.sd)
+    assert est.plan.photos == 110 and len(est.fold_accuracies) == settings.cv_folds * settings.cv_repeats
+    assert est.mean >= 0.9 and {"cv_recall_dandelion", "cv_recall_grass", "cv_accuracy_small"} <= set(metrics)
+    assert metrics["head_c"] in settings.head_c_grid
+    figures = ("calibration_ece_before", "calibration_ece_after", "calibration_temperature", "low_confidence_threshold",
+               "domain_cv_flagged", "domain_caught_daisy", "domain_ood_caught", "domain_ood_auroc")  # fmt: skip
+    for key in figures:
+        assert np.isfinite(metrics[key]), key
+    assert metrics["domain_caught_daisy"] >= 0.8 and metrics["domain_ood_images"] >= 150
+    assert params["domain_k"] == str(settings.domain_k)
+    reports = {a.path for a in client.list_artifacts(first.run_id, "report")}
     assert {
         "report/confusion_matrix.png",
-        "report/regularisation.png",
         "report/misclassified_test_images.png",
+        "report/reliability.png",
         "report/labels.json",
         "report/cross_validation.json",
+        "report/cross_source.json",
         "report/in_domain.json",
-    } <= artifacts
+    } <= reports
+    assert {"model_card.md", "head"} <= {a.path for a in client.list_artifacts(first.run_id)}
     assert run.data.tags["gate.promoted"] == "true"
-    # "Neither": the figures of the in-domain score travel with the run too.
-    domain = first.domain
-    assert run.data.metrics["domain_cv_flagged"] == pytest.approx(domain.flagged)
-    assert run.data.metrics["domain_ood_caught"] == pytest.approx(domain.caught)
-    assert run.data.metrics["domain_ood_auroc"] == pytest.approx(domain.auroc) and domain.auroc > 0.8
-    assert run.data.metrics["domain_ood_images"] >= 150 and run.data.params["domain_k"] == str(settings.domain_k)
+
+    # The model card: every figure in its table is the logged metric, as printed.
+    card = Path(client.download_artifacts(first.run_id, "model_card.md", str(tmp_path))).read_text()
+    shown = card_rows(card)
+    assert len(shown) >= 15 and "domain_caught_daisy" in shown
+    for metric, value in shown.items():
+        logged = metrics[metric]
+        expected = f"{logged * 100:.1f} %" if value.endswith("%") else f"{logged:.3f}"
+        expected = expected if np.isfinite(logged) else "n/a"
+        assert value == expected, (metric, value, logged)
+    assert f"{registry.model_name} v1" in card and "Promoted" in card and "daisy" in card
 
     # The model files are in the S3 artifact store.
     s3 = boto3.client("s3", endpoint_url=s3_endpoint)
@@ -88,18 +111,28 @@ def test_train_register_gate_and_serve_contract(
     assert [LABELS[i] for i in probs.argmax(axis=1)] == ["dandelion", "grass"]
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
-    # The LiteRT export (what the API runs) answers the same probabilities plus one column, the in-domain
-    # distance, computed in the same pass; the metadata says where it is and where "too far" starts.
-    meta = pyfunc.metadata.metadata["in_domain"]
-    assert meta["score_column"] == len(LABELS) and meta["k"] == settings.domain_k
-    assert meta["threshold"] == pytest.approx(run.data.metrics["domain_threshold"])
+    # The LiteRT export (what the API runs) answers the same, calibrated probabilities, then the in-domain distance,
+    # P(neither) and the activation map, from one pass; the metadata says where each is and where "neither" starts.
+    meta = pyfunc.metadata.metadata
+    domain, layout = meta["in_domain"], meta["outputs"]
+    assert domain["score_column"] == layout["domain_distance"] == 2 and layout["neither"] == 3
+    assert domain["k"] == settings.domain_k and domain["threshold"] == pytest.approx(metrics["domain_threshold"])
+    assert domain["refused_kinds"] == ["daisy"] and meta["low_confidence_threshold"] == pytest.approx(
+        metrics["low_confidence_threshold"]
+    )
     local = Path(mlflow.artifacts.download_artifacts(f"{uri}", dst_path=str(tmp_path / "model")))
     flatbuffer = next(local.rglob("model.tflite")).read_bytes()
     blank = np.ones((1, *x.shape[1:]), np.float32)  # a white page: nothing like a lawn or a flower
-    out = run_litert(flatbuffer, np.concatenate([x, blank]))
-    assert out.shape == (3, len(LABELS) + 1)
-    np.testing.assert_allclose(out[:2, : len(LABELS)], probs, atol=1e-5)
-    assert (out[:2, -1] <= meta["threshold"]).all() and out[2, -1] > meta["threshold"], out[:, -1]
+    daisy = preprocess(crafted_jpeg("daisy", 999_003))[np.newaxis]
+    out = run_litert(flatbuffer, np.concatenate([x, blank, daisy]))
+    grid = layout["explain"]["grid"][0]
+    assert grid == 4 and out.shape == (4, layout["columns"]) == (4, 4 + grid * grid)  # 128 px / 32
+    np.testing.assert_allclose(out[:2, :2], probs, atol=1e-5)
+    distance, neither = out[:, 2], out[:, 3]
+    assert (distance[:2] <= domain["threshold"]).all() and distance[2] > domain["threshold"], distance
+    assert neither[3] > domain["neither_threshold"] >= neither[:2].max(), neither
+    evidence = out[:, 4:].reshape(4, grid, grid)
+    assert evidence[0].mean() > 0 > evidence[1].mean(), "the map argues for dandelion on a dandelion, not on grass"
 
     # The seed's clients send {"inputs": [224 x 224 x 3 floats in [0, 1]]}: the scoring path accepts it.
     # This is the function behind `mlflow models serve`'s /invocations.
@@ -108,15 +141,17 @@ def test_train_register_gate_and_serve_contract(
     assert answer.status == 200, answer.response
     served = np.asarray(json.loads(answer.response)["predictions"])
     assert served.shape == (1, 2) and int(np.argmax(served)) == 0
+    np.testing.assert_allclose(served, out[:1, :2], atol=1e-5)
 
     # Retrained on the same data, the recipe gives the same model: it is registered, tagged with why, and does
-    # not displace the champion on a tie (nothing random is left to win a tie-break by chance).
+    # not displace the champion on a tie (the gate scores the champion with its own head on the same embeddings).
     again = train_and_register(settings, progress=False)
     assert not again.decision.promote
     assert again.version == "2"
     assert "does not beat champion v1" in again.decision.reason
     assert again.metrics["test_accuracy"] == first.metrics["test_accuracy"]
     assert again.metrics["test_roc_auc"] == first.metrics["test_roc_auc"]
+    assert again.embed_seconds == 0.0, "no embedding computed twice"
     assert client.get_model_version_by_alias(registry.model_name, "champion").version == "1"
     tags = client.get_model_version(registry.model_name, "2").tags
     assert tags["gate"] == "rejected" and tags["gate_reason"] == again.decision.reason

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
+from fastapi.responses import PlainTextResponse
 
 from services.api.deps import RuntimeDep
-from services.api.errors import ModelNotReady
+from services.api.errors import ModelNotReady, NotFound
 
 router = APIRouter(tags=["model"])
 
@@ -18,3 +19,18 @@ async def model(runtime: RuntimeDep) -> dict[str, Any]:
     if current is None:
         raise ModelNotReady("no model is loaded yet")
     return current.describe()
+
+
+@router.get(
+    "/model/card",
+    summary="The served version's model card (Markdown): what it is for, its data, recipe and evidence",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/markdown": {}}}, 404: {"description": "This version has no card"}},
+)
+async def card(runtime: RuntimeDep) -> PlainTextResponse:
+    current = runtime.current
+    if current is None:
+        raise ModelNotReady("no model is loaded yet")
+    if current.card is None:
+        raise NotFound(f"version {current.version} has no model card (trained before cards existed)")
+    return PlainTextResponse(current.card, media_type="text/markdown; charset=utf-8")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from starlette.datastructures import UploadFile
 
 from services.api.deps import ClassifierDep, SettingsDep
@@ -79,7 +79,14 @@ OPENAPI = {
 
 
 @router.post("/predict", summary="Classify photos as dandelion or grass", openapi_extra=OPENAPI)
-async def predict(request: Request, classifier: ClassifierDep, settings: SettingsDep) -> JSONResponse:
+async def predict(
+    request: Request,
+    classifier: ClassifierDep,
+    settings: SettingsDep,
+    explain: Annotated[
+        bool, Query(description="Also return where the model looked: a grid of evidence and a translucent PNG.")
+    ] = False,
+) -> JSONResponse:
     started = time.perf_counter()
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
@@ -99,7 +106,7 @@ async def predict(request: Request, classifier: ClassifierDep, settings: Setting
             uploads.append(Upload(safe_filename(part.filename), await part.read()))
     finally:
         await form.close()
-    answers = await classifier.classify(uploads, started)
+    answers = await classifier.classify(uploads, started, explain=explain)
     body: Any = answers[0] if len(answers) == 1 else answers
     last = answers[-1]["model"]
     return JSONResponse(body, headers={"X-Model-Name": last["name"], "X-Model-Version": last["version"]})
