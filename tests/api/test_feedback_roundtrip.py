@@ -78,7 +78,6 @@ def test_feedback_reaches_the_next_training_run(
         "MODEL_NAME": f"dandelion-grass-{uuid.uuid4().hex[:8]}",
         "DATA_SOURCE": str(folder),
         **{f"TRAINER_{key.upper()}": str(value) for key, value in FAST_TRAINING.items()},
-        "TRAINER_EPOCHS": "2",
         "TRAINER_PROMOTION_FLOOR": "0",
     }
     for key, value in env.items():

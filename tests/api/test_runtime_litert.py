@@ -14,7 +14,7 @@ import pytest
 
 from services.api.forward import LiteRtForward
 from services.api.registry import MlflowSource
-from services.trainer.export import LITERT_FILE, ExportError, litert_model
+from services.trainer.export import LITERT_FILE, ExportError, litert_model, outputs
 from shared.settings import RegistrySettings
 
 pytestmark = pytest.mark.slow
@@ -23,25 +23,35 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def keras_model():
-    """The product's network (pretrained backbone, resize, normalisation, softmax head) at a small working
-    side, with test-time mirroring on: every layer kind the trainer exports."""
+def network():
+    """The product's network (pretrained backbone, resize, normalisation, a softmax head on three classes: the two
+    served and one refused kind) at a small working side, with an in-domain bank: every layer kind and every
+    column the trainer exports."""
     from services.trainer import backbone
-    from services.trainer.head import LinearHead
-    from services.trainer.model import feature_model, serving_model
+    from services.trainer.head import SoftmaxHead
+    from services.trainer.indomain import Bank, DomainModel, normalised
+    from services.trainer.model import feature_map_model, feature_model, serving_model
 
     variant = backbone.VARIANTS["lite0"]
     features = feature_model(backbone.build(variant, backbone.load_weights(variant)), resolution=96)
     rng = np.random.default_rng(1)
     # Coefficients of a trained head's size (a random steep one would amplify float rounding past 1e-5).
-    head = LinearHead(rng.standard_normal(backbone.FEATURES) * 0.01, 0.2, np.full(backbone.FEATURES, 0.3),
-                      np.full(backbone.FEATURES, 0.5), 0.01)  # fmt: skip
-    return serving_model(features, head, tta=True)
+    head = SoftmaxHead(("dandelion", "grass", "daisy"), rng.standard_normal((backbone.FEATURES, 3)) * 0.01,
+                       np.array([0.2, -0.1, 0.0]), np.full(backbone.FEATURES, 0.3), np.full(backbone.FEATURES, 0.5),
+                       0.01, calibration_scale=1.5)  # fmt: skip
+    bank = Bank(normalised(rng.random((40, backbone.FEATURES), dtype=np.float32)), represented=40)
+    domain = DomainModel(bank, 5, 0.3, 0.5, 0.025, 0.02, 40, ("daisy",))
+    return serving_model(features, head), feature_map_model(features), head, domain
 
 
 @pytest.fixture(scope="module")
-def flatbuffer(keras_model) -> bytes:
-    return litert_model(keras_model)
+def keras_model(network):
+    return network[0]
+
+
+@pytest.fixture(scope="module")
+def flatbuffer(network) -> bytes:
+    return litert_model(*network)
 
 
 def batch(n: int, seed: int) -> np.ndarray:
@@ -57,8 +67,8 @@ def test_litert_equals_keras_at_every_batch_size(keras_model, flatbuffer: bytes)
     for i, n in enumerate((1, 3, 16, 1, 5, 5)):  # growing, shrinking and repeated sizes
         x = batch(n, i)
         got = forward(x)
-        assert got.shape == (n, 2)
-        np.testing.assert_allclose(got, keras_answer(keras_model, x), atol=1e-5, rtol=0)
+        assert got.shape == (n, outputs(3)["columns"])  # 96 px: a 3 x 3 feature map
+        np.testing.assert_allclose(got[:, :2], keras_answer(keras_model, x), atol=1e-5, rtol=0)
 
 
 def test_answers_do_not_alias_the_interpreters_buffers(flatbuffer: bytes) -> None:
@@ -69,9 +79,9 @@ def test_answers_do_not_alias_the_interpreters_buffers(flatbuffer: bytes) -> Non
     np.testing.assert_array_equal(first, kept)
 
 
-def test_export_refuses_a_conversion_outside_the_tolerance(keras_model) -> None:
+def test_export_refuses_a_conversion_outside_the_tolerance(network) -> None:
     with pytest.raises(ExportError, match="differs from Keras"):
-        litert_model(keras_model, tolerance=-1.0)
+        litert_model(*network, tolerance=-1.0)
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +106,22 @@ def registry(keras_model, flatbuffer: bytes, tmp_path_factory) -> Iterator[Regis
                 name="model",
                 pip_requirements=[],
                 extra_files=extra_files,
-                metadata={"labels": ["dandelion", "grass"]},
+                metadata=METADATA,
                 registered_model_name=settings.model_name,
             )
     client.set_registered_model_alias(settings.model_name, settings.model_alias, "1")
     yield settings
     mlflow.set_tracking_uri(previous[0])
     mlflow.set_registry_uri(previous[1])
+
+
+METADATA = {
+    "labels": ["dandelion", "grass"],
+    "outputs": outputs(3),
+    "in_domain": {"threshold": 0.3, "neither_threshold": 0.5, "refused_kinds": ["daisy"], "score_column": 2,
+                  "neither_column": 3},
+}  # fmt: skip
+"""What the trainer writes for its export (services.trainer.train), for this network."""
 
 
 LOAD_IN_A_FRESH_PROCESS = """
@@ -117,7 +136,11 @@ print(json.dumps({
     "runtime": model.runtime,
     "version": model.version,
     "labels": list(model.labels),
-    "probabilities": model.forward(x).tolist(),
+    "answers": model.forward(x).tolist(),
+    "domain_threshold": model.domain_threshold,
+    "neither_threshold": model.neither_threshold,
+    "refused_kinds": list(model.refused_kinds),
+    "grid": model.outputs.grid,
     "tensorflow_imported": sorted(m for m in ("tensorflow", "keras", "mlflow.tensorflow") if m in sys.modules),
 }))
 """
@@ -138,7 +161,11 @@ def test_the_api_loads_the_litert_export_without_tensorflow(registry: RegistrySe
     assert loaded["tensorflow_imported"] == []
     assert loaded["version"] == "1" and loaded["labels"] == ["dandelion", "grass"]
     expected = keras_answer(keras_model, np.random.default_rng(7).random((3, 224, 224, 3), dtype=np.float32))
-    np.testing.assert_allclose(loaded["probabilities"], expected, atol=1e-5, rtol=0)
+    answers = np.asarray(loaded["answers"])
+    assert answers.shape == (3, outputs(3)["columns"])
+    np.testing.assert_allclose(answers[:, :2], expected, atol=1e-5, rtol=0)
+    assert (loaded["domain_threshold"], loaded["neither_threshold"], loaded["refused_kinds"]) == (0.3, 0.5, ["daisy"])
+    assert loaded["grid"] == 3
 
 
 def test_tensorflow_runs_a_version_without_the_export_and_on_request(registry: RegistrySettings, keras_model) -> None:
