@@ -41,6 +41,8 @@ def test_manifests_exist() -> None:
         "api-pdb.yaml",
         "api-hpa.yaml",
         "trainer-cronjob.yaml",
+        "trainer-cronjob-prepare.yaml",
+        "trainer-cronjob-embed.yaml",
         "trainer-cronjob-if-needed.yaml",
         "trainer-cronjob-prune.yaml",
         "trainer-job.yaml",
@@ -81,6 +83,8 @@ def test_rendered_resources_are_namespaced_and_labelled(rendered: list[dict[str,
             "Ingress",
             "PodDisruptionBudget",
             "HorizontalPodAutoscaler",
+            "CronJob",
+            "CronJob",
             "CronJob",
             "CronJob",
             "CronJob",
@@ -270,6 +274,52 @@ def test_retention_cronjob(rendered: list[dict[str, Any]]) -> None:
     assert container["args"] == ["prune"]
     _assert_restricted(pod)
     _assert_weekly_pod_but_args(pod, weekly)
+
+
+def _minutes_into_week(schedule: str) -> int:
+    minute, hour, day_of_month, month, weekday = schedule.split()
+    assert (day_of_month, month) == ("*", "*") and weekday.isdigit(), schedule
+    return (int(weekday) * 24 + int(hour)) * 60 + int(minute)
+
+
+def test_the_weekly_run_is_prepared_and_its_embeddings_spread_before_it(rendered: list[dict[str, Any]]) -> None:
+    """Monday: ingest + feature set on one pod, then the embeddings on an Indexed Job's pods, then the weekly run,
+    each in order and each done (by its deadline) before the next starts."""
+    weekly = _cronjob(rendered, "dandelion-grass-trainer")
+    prepare = _cronjob(rendered, "dandelion-grass-prepare")
+    embed = _cronjob(rendered, "dandelion-grass-embed")
+    starts = [_minutes_into_week(c["spec"]["schedule"]) for c in (prepare, embed, weekly)]
+    assert starts == sorted(starts) and len(set(starts)) == 3, starts
+    for cron, next_start in ((prepare, starts[1]), (embed, starts[2])):
+        assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+        assert cron["spec"]["timeZone"] == weekly["spec"]["timeZone"]
+        deadline_minutes = cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] / 60
+        assert _minutes_into_week(cron["spec"]["schedule"]) + deadline_minutes <= next_start, cron["metadata"]["name"]
+
+    pod = prepare["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (ingest,), (features,) = pod["initContainers"], pod["containers"]
+    assert (ingest["args"], features["args"]) == (["ingest"], ["features"])
+    _assert_restricted(pod)
+    weekly_pod = weekly["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    (weekly_container,) = weekly_pod["containers"]
+    for container in (ingest, features):
+        assert {**container, "args": ["run"], "name": "trainer"} == weekly_container
+
+    job = embed["spec"]["jobTemplate"]["spec"]
+    assert job["completionMode"] == "Indexed"
+    pod = job["template"]["spec"]
+    (container,) = pod["containers"]
+    args = container["args"]
+    assert args[:2] == ["embed", "--shards"] and "--shard" not in args  # each pod's part: JOB_COMPLETION_INDEX
+    shards = int(args[2])
+    assert shards > 1 and job["completions"] == job["parallelism"] == shards
+    assert job["backoffLimitPerIndex"] >= 1 and job["maxFailedIndexes"] <= shards
+    _assert_restricted(pod)
+    assert container["image"] == weekly_container["image"]
+    assert container["envFrom"] == weekly_container["envFrom"] and container["env"] == weekly_container["env"]
+    assert {k: v for k, v in pod.items() if k != "containers"} == {
+        k: v for k, v in weekly_pod.items() if k != "containers"
+    }
 
 
 def _assert_weekly_pod_but_args(pod: dict[str, Any], weekly: dict[str, Any]) -> None:
