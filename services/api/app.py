@@ -77,6 +77,9 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
 
         def swapped(model: LoadedModel) -> None:
             drift.set_reference(model.metadata, f"{model.name} v{model.version}")
+            # "Not sure" in the share means what it means in the answers: the served version's threshold.
+            low = model.low_confidence_threshold
+            drift.low_confidence = settings.low_confidence_threshold if low is None else low
             if predlog is not None:
                 predlog.serving = (model.name, model.version)
 

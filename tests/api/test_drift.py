@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -106,3 +107,27 @@ def test_psi_is_near_zero_on_the_reference_itself_and_large_on_a_shift() -> None
     shifted = reference.psi(np.column_stack([rng.normal(0.6, 0.1, 1000) for _ in DESCRIPTOR_COLUMNS]))
     assert max(same.values()) < 0.05
     assert min(shifted.values()) > PSI_THRESHOLD
+
+
+class UnsureModel(FakeSource):
+    """A version whose metadata sets its own "not sure" threshold (as the trainer's calibrated models do)."""
+
+    def load(self, version: str, run_id: str):
+        return dataclasses.replace(super().load(version, run_id), low_confidence_threshold=0.75)
+
+
+async def test_the_share_counts_what_the_served_version_calls_not_sure(tmp_path) -> None:
+    """The gauge and the answers agree: the version's threshold, not the setting (a fallback for versions
+    without one), decides what counts as unsure."""
+    settings = ApiSettings(prediction_log=False, drift_window=20, drift_min_samples=5, low_confidence_threshold=0.01)
+    async with serving(settings, UnsureModel()) as (app, client):
+        unsure, confidences = [], []
+        for seed in range(20):
+            label = ("grass", "dandelion")[seed % 2]
+            answer = (await client.post("/predict", files={"file": ("p.jpg", crafted_jpeg(label, seed))})).json()
+            unsure.append(answer["low_confidence"])
+            confidences.append(answer["confidence"])
+        await app.state.classifier.drain()
+        share = metric((await client.get("/metrics")).text, "model_low_confidence_share")
+    assert 0 < sum(unsure) < len(unsure), confidences  # a mix, so the share says something
+    assert share == pytest.approx(sum(unsure) / len(unsure))
