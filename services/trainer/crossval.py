@@ -184,3 +184,45 @@ def out_of_fold(
             result.ood_threshold.append(threshold)
         result.recalls.append([float(correct[judged & (served_y == i)].mean()) for i in range(len(LABELS))])
     return result
+
+
+LEARNING_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+"""Shares of each fold's training photos the learning curve fits on."""
+
+
+@dataclass(frozen=True, slots=True)
+class LearningPoint:
+    photos: int
+    """Training photos per fold (mean over the folds)."""
+    accuracy: float
+    """Accuracy on the held-out folds' photos of the two classes (mean over the folds)."""
+    sd: float
+
+
+def learning_curve(
+    data: TrainingData, index: np.ndarray, c: float, folds: int, seed: int,
+    fractions: Sequence[float] = LEARNING_FRACTIONS,
+) -> list[LearningPoint]:  # fmt: skip
+    """Does more data help? Cross-validated accuracy of heads fitted on a stratified share of each fold's
+    training photos (the same held-out folds for every share, ``c`` fixed), for each of ``fractions``."""
+    y = data.y[index]
+    tests = stratified_folds(y, folds, seed)
+    rng = np.random.default_rng(seed)
+    orders = {cls: rng.permutation(np.flatnonzero(y == cls)) for cls in np.unique(y)}
+    points = []
+    for fraction in fractions:
+        accuracies, sizes = [], []
+        for test in tests:
+            held = np.zeros(len(index), bool)
+            held[test] = True
+            train = np.concatenate([
+                members[~held[members]][: max(1, math.ceil(fraction * np.count_nonzero(~held[members])))]
+                for members in orders.values()
+            ])  # fmt: skip
+            fitted = fit_head(data, index[train], c)
+            served = test[data.served[index[test]]]
+            accuracies.append(served_accuracy(fitted.logits(data.views[0, index[served]]), y[served]))
+            sizes.append(len(train))
+        mean, sd = float(np.mean(accuracies)), float(np.std(accuracies))
+        points.append(LearningPoint(round(float(np.mean(sizes))), mean, sd))
+    return points

@@ -1,4 +1,4 @@
-"""Test-split metrics and the pictures people look at: confusion matrix, regularisation, misclassified images."""
+"""Test-split metrics and the pictures people look at: confusion matrix, misclassified images, learning curve."""
 
 from __future__ import annotations
 
@@ -59,24 +59,6 @@ def plot_confusion(y_true: np.ndarray, y_pred: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_regularisation(curve: dict[float, float], chosen: float, cv, path: Path) -> None:
-    """Cross-validated accuracy of the head on the training split for each regularisation tried."""
-    cs = sorted(curve)
-    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
-    ax.semilogx(cs, [curve[c] * 100 for c in cs], "o-", label="training split, cross-validated")
-    ax.axvline(chosen, color="grey", linestyle="--", label=f"chosen C = {chosen:g}")
-    ax.axhline(
-        cv.mean * 100, color="tab:green", linestyle=":", label=f"recipe, {cv.folds}-fold CV on all: {cv.mean:.1%}"
-    )
-    ax.set_xlabel("C (inverse regularisation)")
-    ax.set_ylabel("accuracy %")
-    ax.set_title("linear head: regularisation")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def misclassified_grid(
     images: Sequence[bytes], y_true: np.ndarray, probabilities: np.ndarray, path: Path, limit: int = 24
 ) -> int:
@@ -101,3 +83,25 @@ def misclassified_grid(
     fig.savefig(path)
     plt.close(fig)
     return len(wrong)
+
+
+def plot_learning_curve(points: Sequence, path: Path) -> None:
+    """``report/learning_curve.png``: cross-validated accuracy against the training photos per fold."""
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    photos = [p.photos for p in points]
+    accuracy = np.array([p.accuracy for p in points]) * 100
+    sd = np.array([p.sd for p in points]) * 100
+    ax.errorbar(photos, accuracy, yerr=sd, marker="o", capsize=3, color="#2b6cb0")
+    ax.fill_between(photos, accuracy - sd, accuracy + sd, alpha=0.15, color="#2b6cb0")
+    ax.set_xscale("log")
+    ax.set_xticks(photos, [f"{n:,}" for n in photos])
+    ax.minorticks_off()
+    ax.set_xlabel("training photos per fold (all kinds)")
+    ax.set_ylabel("accuracy on held-out photos (%)")
+    low = max(0.0, float((accuracy - sd).min()) - 2)
+    ax.set_ylim(low, min(100.0, float((accuracy + sd).max()) + 1))
+    ax.set_title("learning curve (cross-validated, mean ± sd over folds)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -177,6 +177,7 @@ class Fitted:
     domain: indomain.DomainModel
     estimates: Estimates
     cross_source: CrossSource
+    learning: list[crossval.LearningPoint]
     seconds: float
 
 
@@ -206,10 +207,13 @@ def fit(settings: TrainerSettings, data: TrainingData, ood_names: list[str], ood
     figures = estimates.estimate(data, oof, the_plan, domain.neither_threshold, ood_names)
     fitted = fitted.calibrated(figures.calibration.scale, figures.calibration.shift)
     cross = crosssource.estimate(data, sample, c, domain.neither_threshold, settings.seed)
+    learning = crossval.learning_curve(data, sample, c, settings.cv_folds, settings.seed)
     seconds = time.perf_counter() - started
-    for line in (f"head C={c:g} (chosen on the training split)", *figures.summary(), cross.summary()):
+    more_data = ", ".join(f"{p.photos:,} photos {p.accuracy:.1%}" for p in learning)
+    for line in (f"head C={c:g} (chosen on the training split)", *figures.summary(), cross.summary(),
+                 f"learning curve (cross-validated): {more_data}"):  # fmt: skip
         _say(progress, line)
-    return Fitted(fitted, c, curve, domain, figures, cross, seconds)
+    return Fitted(fitted, c, curve, domain, figures, cross, learning, seconds)
 
 
 def test_metrics(data: TrainingData, fitted: Fitted) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
@@ -456,6 +460,7 @@ def _reports(
     )
     calibration.plot(est.reliability_before, est.reliability_after, (est.ece_before, est.ece_after),
                      out / "reliability.png")  # fmt: skip
+    evaluation.plot_learning_curve(fitted.learning, out / "learning_curve.png")
     (out / "labels.json").write_text(json.dumps(list(LABELS)))
     (out / "cross_validation.json").write_text(
         json.dumps(
@@ -472,6 +477,9 @@ def _reports(
                 "at_128_px": {"accuracy": est.small_accuracy, "recall": est.small_recall, "photos": est.small_photos},
                 "chosen_c": est.chosen_c,
                 "c_curve": {f"{c:g}": v for c, v in fitted.curve.items()},
+                "learning_curve": [
+                    {"training_photos": p.photos, "accuracy": p.accuracy, "sd": p.sd} for p in fitted.learning
+                ],
                 "calibration": {
                     "method": est.calibration.method,
                     "temperature": est.calibration.temperature,

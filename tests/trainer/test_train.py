@@ -77,12 +77,18 @@ def test_train_register_gate_and_serve_contract(
         "report/confusion_matrix.png",
         "report/misclassified_test_images.png",
         "report/reliability.png",
+        "report/learning_curve.png",
         "report/labels.json",
         "report/cross_validation.json",
         "report/cross_source.json",
         "report/in_domain.json",
     } <= reports
     assert {"model_card.md", "head"} <= {a.path for a in client.list_artifacts(first.run_id)}
+    cv_json = client.download_artifacts(first.run_id, "report/cross_validation.json", str(tmp_path))
+    cv = json.loads(Path(cv_json).read_text())
+    curve = cv["learning_curve"]
+    assert [p["training_photos"] for p in curve] == sorted(p["training_photos"] for p in curve) and len(curve) == 4
+    assert curve[-1]["training_photos"] == pytest.approx(110 * (settings.cv_folds - 1) / settings.cv_folds, abs=2)
     assert run.data.tags["gate.promoted"] == "true"
 
     # The model card: every figure in its table is the logged metric, as printed.
