@@ -16,7 +16,14 @@ DEFAULT_DATA_SOURCE = "https://raw.githubusercontent.com/btphan95/greenr-airflow
 
 
 def _config(prefix: str = "") -> SettingsConfigDict:
-    return SettingsConfigDict(env_prefix=prefix, env_file=".env", extra="ignore", populate_by_name=True, frozen=True)
+    return SettingsConfigDict(
+        env_prefix=prefix,
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
 
 
 class ObjectStoreSettings(BaseSettings):
@@ -29,8 +36,11 @@ class ObjectStoreSettings(BaseSettings):
     endpoint_url: str | None = Field(None, validation_alias="S3_ENDPOINT_URL")
     """S3 endpoint (Minio, moto, ...). Unset means AWS itself."""
     access_key_id: SecretStr | None = Field(None, validation_alias="AWS_ACCESS_KEY_ID")
+    """S3 credentials (unset: boto3's usual chain)."""
     secret_access_key: SecretStr | None = Field(None, validation_alias="AWS_SECRET_ACCESS_KEY")
+    """Secret."""
     region: str = Field("us-east-1", validation_alias=AliasChoices("AWS_DEFAULT_REGION", "AWS_REGION"))
+    """S3 region."""
 
     @property
     def is_s3(self) -> bool:
@@ -45,6 +55,7 @@ class DatabaseSettings(BaseSettings):
     url: SecretStr = Field(SecretStr("sqlite+aiosqlite:///var/dandelion.db"), validation_alias="DATABASE_URL")
     """SQLAlchemy async URL, e.g. ``mysql+asyncmy://user:pass@host:3306/db``. Secret: it may hold a password."""
     echo: bool = Field(False, validation_alias="DATABASE_ECHO")
+    """Log every SQL statement (debugging)."""
 
 
 class RegistrySettings(BaseSettings):
@@ -53,10 +64,14 @@ class RegistrySettings(BaseSettings):
     model_config = _config()
 
     tracking_uri: str = Field("sqlite:///var/mlflow.db", validation_alias="MLFLOW_TRACKING_URI")
+    """MLflow tracking server and model registry (``http://...``), or an embedded ``sqlite:///`` store."""
     s3_endpoint_url: str | None = Field(None, validation_alias="MLFLOW_S3_ENDPOINT_URL")
     """Where MLflow's S3 artifact store lives (read by MLflow itself; kept here to be shown and checked)."""
     experiment: str = Field("dandelion-grass", validation_alias="MLFLOW_EXPERIMENT_NAME")
+    """Experiment the trainer's runs go to."""
     model_name: str = Field("dandelion-grass", validation_alias="MODEL_NAME")
+    """Registered model the trainer registers and the API serves."""
     model_alias: str = Field("champion", validation_alias="MODEL_ALIAS")
+    """Alias the quality gate moves and the API follows."""
     local_artifact_root: str = Field("var/mlartifacts", validation_alias="MLFLOW_LOCAL_ARTIFACT_ROOT")
     """Artifact folder for experiments created on an embedded (``sqlite:``) tracking store."""

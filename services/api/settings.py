@@ -12,7 +12,12 @@ from shared.settings import DatabaseSettings, ObjectStoreSettings, RegistrySetti
 
 class ApiSettings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="API_", env_file=".env", extra="ignore", populate_by_name=True, frozen=True
+        env_prefix="API_",
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+        use_attribute_docstrings=True,
     )
 
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
@@ -22,14 +27,18 @@ class ApiSettings(BaseSettings):
     """Where uploads go when ``store_uploads`` is on (``OBJECT_STORE_URL``, the trainer's store)."""
 
     host: str = "127.0.0.1"
+    """Address to listen on (``0.0.0.0`` in the images)."""
     port: int = 8000
+    """Port to listen on; also the image's health check's."""
     workers: int = 1
     """Each worker process loads its own model; scale with replicas rather than workers."""
     log_level: str = "info"
+    """``debug``, ``info``, ``warning`` or ``error``."""
 
     poll_interval_s: float = 30.0
     """How often the registry is asked whether the alias points to a new version."""
     retry_initial_s: float = 1.0
+    """First wait before asking the registry again after a failed load."""
     retry_max_s: float = 30.0
     """Backoff bounds while no model could be loaded yet (registry down, alias missing)."""
     no_model_retry_s: float = 5.0
@@ -89,6 +98,7 @@ class ApiSettings(BaseSettings):
     body_read_timeout_s: float = 30.0
     """A request body that has not fully arrived after this answers 408 (slow-body clients hold no worker)."""
     max_header_count: int = 100
+    """Most request headers (431 beyond)."""
     max_header_bytes: int = 16 * 1024
     """Requests with more headers, or more bytes of them, answer 431."""
 
@@ -100,7 +110,9 @@ class ApiSettings(BaseSettings):
     prediction_log_max_queue: int = 10_000
     """Most predictions waiting to be written; beyond it (overload, long outage) they are dropped and counted."""
     prediction_log_batch_size: int = 500
+    """Most rows in one INSERT of the prediction log."""
     prediction_log_flush_interval_s: float = 1.0
+    """Seconds between writes of the prediction log."""
     prediction_log_max_upload_bytes: int = 64 * 1024 * 1024
     """Most bytes of uploads waiting to be stored; beyond it a row is logged without its photo."""
     live_accuracy_refresh_s: float = 30.0

@@ -20,7 +20,12 @@ from shared.settings import (
 
 class TrainerSettings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="TRAINER_", env_file=".env", extra="ignore", populate_by_name=True, frozen=True
+        env_prefix="TRAINER_",
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+        use_attribute_docstrings=True,
     )
 
     store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
@@ -36,12 +41,18 @@ class TrainerSettings(BaseSettings):
     ingest_batch_rows: int = Field(500, ge=1)
     """``images`` rows written per transaction by ingest's one writer."""
     download_concurrency: int = 16
+    """Downloads at once from an HTTP source."""
     download_attempts: int = 4
+    """Tries per photo (retried with backoff) before it counts as failed."""
     download_timeout_s: float = 20.0
+    """Seconds per download attempt."""
 
     feature_set_name: str = "dandelion-grass"
+    """Name of the feature sets (``features/{name}/vNNNN.parquet``)."""
     split_val_percent: int = 15
+    """Share of each label and source in the validation split (by hash)."""
     split_test_percent: int = 15
+    """Share in the test split, by which the quality gate judges every version."""
 
     embed_workers: int = Field(0, ge=0)
     """Processes that compute embeddings in ``run`` and ``embed`` (0: one per CPU)."""
