@@ -269,6 +269,7 @@ def train_and_register(
     force: bool = False,
     progress: bool = True,
 ) -> TrainResult:
+    """Load, embed, fit, evaluate, export, log, register, gate: one MLflow run."""
     started = time.perf_counter()
     feature_set, data, embed_seconds = load(settings, feature_set_version, progress)
     from services.trainer.quiet import import_tensorflow
@@ -277,112 +278,25 @@ def train_and_register(
     import keras
     import mlflow
 
-    from services.trainer import backbone
-
-    spec = shards.spec_of(settings)
-    variant = backbone.VARIANTS[settings.backbone]
     client = connect(settings.registry)
     keras.utils.set_random_seed(settings.seed)
-    counts = {cls: int(np.sum(data.y == i)) for i, cls in enumerate(data.classes)}
-    params = {
-        "seed": settings.seed,
-        "backbone": f"efficientnet-{variant.name}",
-        "backbone_weights": f"{variant.package} ({variant.file}, sha256 {variant.sha256[:16]}…)",
-        "pretrained_on": "ImageNet-1k",
-        "backbone_frozen": True,
-        "resolution": settings.resolution,
-        "input_size": MODEL_SIZE,
-        "embedding_spec": spec.key,
-        "training_views": ", ".join(TRAINING_VIEWS),
-        "head": "multinomial logistic regression on standardised pooled features (classes even, sources even)",
-        "head_classes": ",".join(data.classes),
-        "head_c_grid": ",".join(f"{c:g}" for c in settings.head_c_grid),
-        "cv_folds": settings.cv_folds,
-        "cv_repeats": settings.cv_repeats,
-        "domain_k": settings.domain_k,
-        "domain_bank_views": indomain.BANK_VIEWS,
-        "labels": ",".join(LABELS),
-        "feature_set_name": feature_set.name,
-        "feature_set_version": feature_set.version,
-        "feature_set_object_key": feature_set.object_key,
-        "feature_set_snapshot": feature_set.source_snapshot,
-        "origins": ",".join(sorted(set(data.origin.tolist()))),
-        "photos_by_class": json.dumps(counts),
-        "n_train": int(data.served[data.where("train")].sum()),
-        "n_val": int(data.served[data.where("val")].sum()),
-        "n_test": int(data.served[data.where("test")].sum()),
-    }
-
+    params = _params(settings, feature_set, data)
     with mlflow.start_run(run_name=f"train-fs{feature_set.version}-seed{settings.seed}") as run:
         mlflow.log_params(params)
         mlflow.set_tags({"feature_set": f"{feature_set.name}:v{feature_set.version}", "trainer": "services.trainer"})
         ood_names, ood = out_of_domain_features(settings)
         fitted = fit(settings, data, ood_names, ood, progress)
-        results, test, test_probs = test_metrics(data, fitted)
-        results.update(fitted.estimates.metrics())
-        results.update(fitted.cross_source.metrics())
-        results["domain_threshold"] = fitted.domain.threshold
-        if fitted.domain.neither_threshold is not None:
-            results["domain_neither_threshold"] = fitted.domain.neither_threshold
-        results.update({f"head_cv_accuracy_c{c:g}": accuracy for c, accuracy in fitted.curve.items()})
-        results["head_c"] = fitted.c
-        results["embed_seconds"] = embed_seconds
-        results["training_seconds"] = fitted.seconds
+        results, test, test_probs = evaluate(data, fitted, embed_seconds)
         mlflow.log_metrics(results)
-
-        # The served network: built, checked against the head on real test photos, exported to LiteRT.
-        from services.trainer.export import LITERT_FILE, litert_model, outputs
-        from services.trainer.model import feature_map_model, feature_model, serving_model, traced
-
-        features = feature_model(backbone.build(variant, backbone.load_weights(variant, settings.backbone_weights)),
-                                 settings.resolution)  # fmt: skip
-        served = serving_model(features, fitted.head)
-        feature_map = feature_map_model(features)
-        check = photos_of(settings, data, test[:EXPORT_CHECK_PHOTOS])
-        x_check = np.stack([preprocess(photo) for photo in check])
-        got, expected = traced(served)(x_check), fitted.head.probabilities(traced(features)(x_check))
-        if not np.allclose(got, expected, atol=1e-4):  # the folded Dense layer must be the fitted head
-            raise RuntimeError(f"the exported model differs from its head by {np.abs(got - expected).max():.3g}")
-        with filtered_stderr():
-            flatbuffer = litert_model(served, feature_map, fitted.head, fitted.domain, probe=x_check[:4])
-        grid = int(feature_map.output_shape[1])
-        reference = drift_reference(data, f"{feature_set.name}:v{feature_set.version}")
+        export = build_export(settings, data, test, fitted)
         _say(progress, f"test split {results['test_accuracy']:.1%}; registering the model and its LiteRT export")
-
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp)
-            _reports(settings, data, fitted, test, test_probs, ood_names, out)
-            mlflow.log_artifacts(tmp, artifact_path="report")
-            mlflow.log_dict({"labels": list(LABELS)}, "labels.json")
-            mlflow.log_dict(reference.to_dict(), "drift_reference.json")
-            np.savez(out / "head.npz", **fitted.head.to_arrays())
-            mlflow.log_artifact(str(out / "head.npz"), artifact_path=HEAD_ARTIFACT.rsplit("/", 1)[0])
-
-        model_metadata = {
-            "labels": list(LABELS),
-            "input_size": MODEL_SIZE,
-            "backbone": f"efficientnet-{variant.name}",
-            "resolution": settings.resolution,
-            "embedding_spec": spec.key,
-            "feature_set": f"{feature_set.name}:v{feature_set.version}",
-            "cv_accuracy": round(fitted.estimates.mean, 4),
-            "drift_reference": reference.to_dict(),
-            "outputs": outputs(grid),
-            "calibration": {
-                "method": fitted.estimates.calibration.method,
-                "temperature": fitted.estimates.calibration.temperature,
-                "shift": fitted.estimates.calibration.shift,
-                "ece_before": fitted.estimates.ece_before,
-                "ece_after": fitted.estimates.ece_after,
-            },
-            "low_confidence_threshold": fitted.estimates.low_confidence_threshold,
-            # The LiteRT export's columns after the probabilities; the API flags answers above the thresholds.
-            "in_domain": {**fitted.domain.metadata(), "score_column": len(LABELS), "neither_column": len(LABELS) + 1},
-        }
-        model_info = _log_model(settings, served, flatbuffer, x_check[:1], model_metadata, LITERT_FILE)
+        reference = drift_reference(data, f"{feature_set.name}:v{feature_set.version}")
+        _log_reports(settings, data, fitted, test, test_probs, ood_names, reference)
+        model_metadata = _model_metadata(settings, feature_set, fitted, export, reference)
+        model_info = _log_model(settings, export.served, export.flatbuffer, export.x_check[:1], model_metadata)
         version = str(model_info.registered_model_version)
 
-        decision = _gate(client, settings, version, data, test, results, force, spec.key)
+        decision = _gate(client, settings, version, data, test, results, force, export.spec)
         mlflow.set_tags({"gate.promoted": str(decision.promote).lower(), "gate.reason": decision.reason})
         if decision.champion_accuracy is not None:
             mlflow.log_metric("champion_test_accuracy", decision.champion_accuracy)
@@ -412,18 +326,157 @@ def train_and_register(
     )
 
 
-def _log_model(settings: TrainerSettings, served, flatbuffer: bytes, example: np.ndarray, meta: dict, file: str):
+def _params(settings: TrainerSettings, feature_set, data: TrainingData) -> dict[str, object]:
+    """The run's parameters: the recipe and the data it was trained on."""
+    from services.trainer import backbone
+
+    variant = backbone.VARIANTS[settings.backbone]
+    counts = {cls: int(np.sum(data.y == i)) for i, cls in enumerate(data.classes)}
+    return {
+        "seed": settings.seed,
+        "backbone": f"efficientnet-{variant.name}",
+        "backbone_weights": f"{variant.package} ({variant.file}, sha256 {variant.sha256[:16]}…)",
+        "pretrained_on": "ImageNet-1k",
+        "backbone_frozen": True,
+        "resolution": settings.resolution,
+        "input_size": MODEL_SIZE,
+        "embedding_spec": shards.spec_of(settings).key,
+        "training_views": ", ".join(TRAINING_VIEWS),
+        "head": "multinomial logistic regression on standardised pooled features (classes even, sources even)",
+        "head_classes": ",".join(data.classes),
+        "head_c_grid": ",".join(f"{c:g}" for c in settings.head_c_grid),
+        "cv_folds": settings.cv_folds,
+        "cv_repeats": settings.cv_repeats,
+        "domain_k": settings.domain_k,
+        "domain_bank_views": indomain.BANK_VIEWS,
+        "labels": ",".join(LABELS),
+        "feature_set_name": feature_set.name,
+        "feature_set_version": feature_set.version,
+        "feature_set_object_key": feature_set.object_key,
+        "feature_set_snapshot": feature_set.source_snapshot,
+        "origins": ",".join(sorted(set(data.origin.tolist()))),
+        "photos_by_class": json.dumps(counts),
+        "n_train": int(data.served[data.where("train")].sum()),
+        "n_val": int(data.served[data.where("val")].sum()),
+        "n_test": int(data.served[data.where("test")].sum()),
+    }
+
+
+def evaluate(
+    data: TrainingData, fitted: Fitted, embed_seconds: float
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Every figure the run logs: the test split's (the gate's), the cross-validated estimates, the thresholds."""
+    results, test, test_probs = test_metrics(data, fitted)
+    results.update(fitted.estimates.metrics())
+    results.update(fitted.cross_source.metrics())
+    results["domain_threshold"] = fitted.domain.threshold
+    if fitted.domain.neither_threshold is not None:
+        results["domain_neither_threshold"] = fitted.domain.neither_threshold
+    results.update({f"head_cv_accuracy_c{c:g}": accuracy for c, accuracy in fitted.curve.items()})
+    results["head_c"] = fitted.c
+    results["embed_seconds"] = embed_seconds
+    results["training_seconds"] = fitted.seconds
+    return results, test, test_probs
+
+
+@dataclass(frozen=True)
+class Export:
+    served: object
+    """The Keras network MLflow clients load (probabilities only)."""
+    flatbuffer: bytes
+    """Its LiteRT export with every column (:func:`services.trainer.export.outputs`)."""
+    grid: int
+    x_check: np.ndarray
+    spec: str
+
+
+def build_export(settings: TrainerSettings, data: TrainingData, test: np.ndarray, fitted: Fitted) -> Export:
+    """The served network, built, checked against the head on real test photos, exported to LiteRT."""
+    from services.trainer import backbone
+    from services.trainer.export import litert_model
+    from services.trainer.model import feature_map_model, feature_model, serving_model, traced
+
+    variant = backbone.VARIANTS[settings.backbone]
+    features = feature_model(backbone.build(variant, backbone.load_weights(variant, settings.backbone_weights)),
+                             settings.resolution)  # fmt: skip
+    served = serving_model(features, fitted.head)
+    feature_map = feature_map_model(features)
+    check = photos_of(settings, data, test[:EXPORT_CHECK_PHOTOS])
+    x_check = np.stack([preprocess(photo) for photo in check])
+    got, expected = traced(served)(x_check), fitted.head.probabilities(traced(features)(x_check))
+    if not np.allclose(got, expected, atol=1e-4):  # the folded Dense layer must be the fitted head
+        raise RuntimeError(f"the exported model differs from its head by {np.abs(got - expected).max():.3g}")
+    with filtered_stderr():
+        flatbuffer = litert_model(served, feature_map, fitted.head, fitted.domain, probe=x_check[:4])
+    return Export(served, flatbuffer, int(feature_map.output_shape[1]), x_check, shards.spec_of(settings).key)
+
+
+def _log_reports(
+    settings: TrainerSettings,
+    data: TrainingData,
+    fitted: Fitted,
+    test: np.ndarray,
+    test_probs: np.ndarray,
+    ood_names: list[str],
+    reference: Reference,
+) -> None:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        _reports(settings, data, fitted, test, test_probs, ood_names, out)
+        mlflow.log_artifacts(tmp, artifact_path="report")
+        mlflow.log_dict({"labels": list(LABELS)}, "labels.json")
+        mlflow.log_dict(reference.to_dict(), "drift_reference.json")
+        np.savez(out / "head.npz", **fitted.head.to_arrays())
+        mlflow.log_artifact(str(out / "head.npz"), artifact_path=HEAD_ARTIFACT.rsplit("/", 1)[0])
+
+
+def _model_metadata(
+    settings: TrainerSettings, feature_set, fitted: Fitted, export: Export, reference: Reference
+) -> dict[str, object]:
+    """What travels with the model: the label order, the export's columns, the thresholds, the drift reference."""
+    from services.trainer import backbone
+    from services.trainer.export import outputs
+
+    variant = backbone.VARIANTS[settings.backbone]
+    return {
+        "labels": list(LABELS),
+        "input_size": MODEL_SIZE,
+        "backbone": f"efficientnet-{variant.name}",
+        "resolution": settings.resolution,
+        "embedding_spec": export.spec,
+        "feature_set": f"{feature_set.name}:v{feature_set.version}",
+        "cv_accuracy": round(fitted.estimates.mean, 4),
+        "drift_reference": reference.to_dict(),
+        "outputs": outputs(export.grid),
+        "calibration": {
+            "method": fitted.estimates.calibration.method,
+            "temperature": fitted.estimates.calibration.temperature,
+            "shift": fitted.estimates.calibration.shift,
+            "ece_before": fitted.estimates.ece_before,
+            "ece_after": fitted.estimates.ece_after,
+        },
+        "low_confidence_threshold": fitted.estimates.low_confidence_threshold,
+        # The LiteRT export's columns after the probabilities; the API flags answers above the thresholds.
+        "in_domain": {**fitted.domain.metadata(), "score_column": len(LABELS), "neither_column": len(LABELS) + 1},
+    }
+
+
+def _log_model(settings: TrainerSettings, served, flatbuffer: bytes, example: np.ndarray, meta: dict):
     import keras
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
+
+    from services.trainer.export import LITERT_FILE
 
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, MODEL_SIZE, MODEL_SIZE, 3))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(LABELS)))]),
     )
     with tempfile.TemporaryDirectory() as export_dir:
-        litert_path = Path(export_dir) / file  # the API's runtime: LiteRT, without TensorFlow
+        litert_path = Path(export_dir) / LITERT_FILE  # the API's runtime: LiteRT, without TensorFlow
         litert_path.write_bytes(flatbuffer)
         keras.utils.disable_interactive_logging()  # MLflow's input-example check would draw Keras step bars
         with filtered_stderr():
