@@ -19,14 +19,24 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def revision(configured: str | None = None) -> str:
-    """The source revision the run came from: the configured one (images carry it), else ``git``'s, else unknown."""
+    """The source revision the run came from: the configured one (images carry it), else ``git``'s (with
+    ``+uncommitted changes`` when the code differs from it: that revision alone does not reproduce the run), else
+    unknown."""
     if configured:
         return configured
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPOSITORY, capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
+
+    def git(*args: str) -> subprocess.CompletedProcess[str] | None:
+        try:
+            return subprocess.run(["git", *args], cwd=REPOSITORY, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    head = git("rev-parse", "HEAD")
+    if head is None or head.returncode != 0:
         return "unknown"
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "services", "shared")
+    dirty = changed is not None and changed.returncode == 0 and changed.stdout.strip()
+    return head.stdout.strip() + (" +uncommitted changes" if dirty else "")
 
 
 def percent(value: float) -> str:
@@ -134,7 +144,7 @@ def render(settings, run_id: str, version: str, feature_set, data, fitted, resul
         "## Reproduce",
         "",
         "```",
-        f"git checkout {revision(settings.revision)}",
+        f"git checkout {revision(settings.revision).split()[0]}",
         f"TRAINER_SEED={settings.seed} python -m services.trainer train --feature-set {feature_set.version}",
         "```",
         "",

@@ -89,10 +89,13 @@ def embedded_run(docker: Docker, images: Images, data_dir: Path, tmp_path_factor
     return var, log
 
 
-def test_the_trainer_image_trains_registers_and_promotes(embedded_run: tuple[Path, str]) -> None:
+def test_the_trainer_image_trains_registers_and_promotes(embedded_run: tuple[Path, str], images: Images) -> None:
     var, log = embedded_run
     assert "champion" in log and "v1" in log, log[-3000:]
     assert (var / "mlflow.db").is_file() and (var / "dandelion.db").is_file()
+    # The model card names the commit the image was built from (the image has no git to ask).
+    (card,) = var.rglob("model_card.md")
+    assert f"source revision `{images.revision}`" in card.read_text(), card.read_text()[:1500]
     # No git in the image: MLflow's GitPython stays quiet (it used to warn on every run).
     assert "git executable" not in log.lower() and "Traceback" not in log, log[-3000:]
 
