@@ -97,10 +97,18 @@ def held_out_distances(
     return result
 
 
-def group_quantile(values: np.ndarray, groups: np.ndarray, rate: float) -> float:
-    """The smallest threshold that flags at most ``rate`` of the values of every group (the highest of the groups'
-    ``1 - rate`` quantiles)."""
-    return float(max(np.quantile(values[groups == g], 1.0 - rate) for g in np.unique(groups)))
+def group_quantile(values: np.ndarray, groups: np.ndarray, rate: float, min_group: int | None = None) -> float:
+    """The smallest threshold that flags at most ``rate`` of all the values and of every group large enough to be
+    judged alone (``min_group`` values, default: enough for ``rate`` to be five of them). A smaller group is judged
+    with everything: its ``1 - rate`` quantile would be its one or two most unusual photos (a 40-photo source's
+    one daisy-like dandelion would set the bar for every photo)."""
+    min_group = math.ceil(5 / rate) if min_group is None else min_group
+    thresholds = [float(np.quantile(values, 1.0 - rate))]
+    for g in np.unique(groups):
+        members = values[groups == g]
+        if len(members) >= min_group:
+            thresholds.append(float(np.quantile(members, 1.0 - rate)))
+    return max(thresholds)
 
 
 @dataclass(frozen=True)

@@ -49,11 +49,24 @@ def test_the_bank_is_bounded_and_stratified_whatever_the_data() -> None:
 
 def test_group_quantile_flags_at_most_the_rate_in_every_group() -> None:
     rng = np.random.default_rng(2)
-    values = np.concatenate([rng.random(1000), rng.random(200) + 0.5])
-    groups = np.array(["tight"] * 1000 + ["wide"] * 200)
+    values = np.concatenate([rng.random(1000), rng.random(300) + 0.5])
+    groups = np.array(["tight"] * 1000 + ["wide"] * 300)
     threshold = indomain.group_quantile(values, groups, 0.02)
     for g in ("tight", "wide"):
         assert np.mean(values[groups == g] > threshold) <= 0.02 + 1e-9
+
+
+def test_a_small_group_does_not_set_the_bar_with_its_one_odd_photo() -> None:
+    """40 photos of a second source, one of them far out: judged alone, its 98th percentile would be that photo
+    and nothing of the refused kinds would be flagged; judged with everything, the bar stays where the bulk is."""
+    rng = np.random.default_rng(3)
+    values = np.concatenate([rng.random(600) * 0.2, rng.random(39) * 0.2, [0.95]])
+    groups = np.array(["big"] * 600 + ["small"] * 40)
+    threshold = indomain.group_quantile(values, groups, 0.02)
+    assert threshold < 0.25 and np.mean(values > threshold) <= 0.02 + 1 / len(values)  # a quantile: give or take one
+    assert np.mean(values[groups == "big"] > threshold) <= 0.02 + 1e-9
+    alone = indomain.group_quantile(values, groups, 0.02, min_group=1)  # every group judged alone: the old rule
+    assert alone > threshold + 0.1
 
 
 def test_the_distance_threshold_flags_about_the_chosen_share_of_new_photos() -> None:
