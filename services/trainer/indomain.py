@@ -99,10 +99,10 @@ def held_out_distances(
 
 def group_quantile(values: np.ndarray, groups: np.ndarray, rate: float, min_group: int | None = None) -> float:
     """The smallest threshold that flags at most ``rate`` of all the values and of every group large enough to be
-    judged alone (``min_group`` values, default: enough for ``rate`` to be five of them). A smaller group is judged
+    judged alone (``min_group`` values, default: enough for ``rate`` to be two of them). A smaller group is judged
     with everything: its ``1 - rate`` quantile would be its one or two most unusual photos (a 40-photo source's
     one daisy-like dandelion would set the bar for every photo)."""
-    min_group = math.ceil(5 / rate) if min_group is None else min_group
+    min_group = math.ceil(2 / rate) if min_group is None else min_group
     thresholds = [float(np.quantile(values, 1.0 - rate))]
     for g in np.unique(groups):
         members = values[groups == g]
