@@ -123,7 +123,8 @@ class ApiSettings(BaseSettings):
     drift_min_samples: int = 300
     """Inputs needed in the window before drift is exported (fewer are too noisy: see TRAINER_DRIFT_MIN_SAMPLES)."""
     low_confidence_threshold: float = 0.7
-    """A prediction below this confidence counts as low-confidence."""
+    """Below this confidence an answer is "not sure", for versions whose metadata sets no threshold of their own
+    (the trainer's set one from their calibrated reliability curve)."""
     feedback_token: SecretStr | None = None
     """When set, ``POST /feedback`` needs ``Authorization: Bearer <token>``: feedback becomes training data.
     At least 16 characters, and not a template's placeholder; empty means unset: feedback is then open to
