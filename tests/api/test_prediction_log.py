@@ -198,7 +198,8 @@ async def test_neither_feedback_is_stored_and_counted_as_evidence_about_the_flag
         assert right["correct"] is True
         again = await client.post("/feedback", json={"prediction_id": flagged["id"], "label": "neither"})
         assert again.status_code == 200 and again.json()["status"] == "unchanged"
-        assert (await client.post("/feedback", json={"prediction_id": flagged["id"], "label": "grass"})).status_code == 409
+        other = await client.post("/feedback", json={"prediction_id": flagged["id"], "label": "grass"})
+        assert other.status_code == 409
 
         stored = {f.prediction_id: f.label for f in await rows(settings, FeedbackRow)}
         logged = {r.id: r for r in await rows(settings)}
