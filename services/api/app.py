@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +34,7 @@ from services.api.registry import MlflowSource
 from services.api.responses import JSONResponse
 from services.api.routes import docs, feedback, health, invocations, model, page, predict
 from services.api.runtime import LoadedModel, ModelRuntime, ModelSource
+from services.api.schemas import complete_openapi
 from services.api.service import Classifier
 from services.api.settings import ApiSettings
 from shared.db import sqlite_file
@@ -138,6 +140,14 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
 
     for router in (predict.router, invocations.router, feedback.router, model.router, health.router, page.router):
         app.include_router(router)
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = complete_openapi(generate_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     if settings.docs:
         app.include_router(docs.router)
 

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 from playwright.sync_api import Browser, Page
 
@@ -26,6 +23,7 @@ from services.api.settings import ApiSettings
 from shared.db import open_database
 from shared.tables import FeedbackRow, PredictionRow
 from tests.api.fakes import FakeSource
+from tests.api.process import app_in_thread
 from tests.api.test_page_browser import (
     ARTIFACTS,
     CLASSES,
@@ -38,28 +36,11 @@ from tests.api.test_page_browser import (
     settle,
 )
 from tests.api.test_prediction_log import metric
-from tests.servers import free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
 NEUTRAL = "rgb(123, 135, 148)"  # style.css --neutral: a flagged card's accent
 GRASS_GREEN = "rgb(59, 148, 65)"  # --green-600
-
-
-@contextmanager
-def uvicorn_thread(app) -> Iterator[str]:
-    """The app on a real uvicorn server in a thread of this process (the fake model cannot cross a process)."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: httpx.get(f"{url}/health/ready", timeout=2).status_code == 200, None, 30, None, "the app")
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +55,7 @@ def served(tmp_path_factory) -> Iterator[tuple[str, ApiSettings]]:
     )
     source = FakeSource()
     source.domain_threshold, source.neither_threshold, source.explains = 0.3, 0.5, True
-    with uvicorn_thread(create_app(settings, source=source)) as url:
+    with app_in_thread(create_app(settings, source=source)) as url:
         yield url, settings
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from services.api.deps import RuntimeDep, SettingsDep
 from services.api.errors import BadRequest, Conflict, NotFound, TooManyRequests, Unauthorized, Unavailable
 from services.api.responses import JSONResponse
+from services.api.schemas import DEFAULT_ERROR, FeedbackAnswer, error
 from shared.feedback import domain_outcome
 from shared.labels import LABELS, NEITHER
 from shared.tables import FeedbackRow, PredictionRow
@@ -45,16 +46,17 @@ class Feedback(BaseModel):
     )
 
 
-RESPONSES = {
-    200: {"description": "The same label was already recorded for this prediction (nothing changed)"},
-    201: {"description": "Recorded"},
-    400: {"description": "Malformed id, unknown label or invalid body"},
-    401: {"description": "`API_FEEDBACK_TOKEN` is set and the bearer token is missing or wrong"},
-    413: {"description": "The body is over `API_FEEDBACK_MAX_BODY_BYTES` (4 KiB)"},
-    429: {"description": "Open feedback (no token): this client sent more than `API_FEEDBACK_RATE_PER_MINUTE`"},
-    404: {"description": "No prediction with this id (or it was dropped from the log under overload or an outage)"},
-    409: {"description": "A different label was already recorded for this prediction"},
-    503: {"description": "The prediction log is off or its database is unavailable"},
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": FeedbackAnswer, "description": "The same label was already recorded (nothing changed)"},
+    201: {"model": FeedbackAnswer, "description": "Recorded"},
+    400: error("Malformed id, unknown label or invalid body"),
+    401: error("`API_FEEDBACK_TOKEN` is set and the bearer token is missing or wrong"),
+    404: error("No prediction with this id (or it was dropped from the log under overload or an outage)"),
+    409: error("A different label was already recorded for this prediction"),
+    413: error("The body is over `API_FEEDBACK_MAX_BODY_BYTES` (4 KiB)"),
+    429: error("Open feedback (no token): this client sent more than `API_FEEDBACK_RATE_PER_MINUTE`"),
+    503: error("The prediction log is off or its database is unavailable"),
+    **DEFAULT_ERROR,
 }
 
 
