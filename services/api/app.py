@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -181,17 +182,35 @@ def _report_stopped(task: asyncio.Task) -> None:
         log.error("%s stopped: %r; predictions are no longer logged", task.get_name(), task.exception())
 
 
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on is reachable from this machine only (``0.0.0.0`` and ``::`` are not)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 def _prediction_log(settings: ApiSettings, metrics: ApiMetrics) -> PredictionLog | None:
     if not settings.prediction_log:
         return None
     if settings.feedback_token is None:
-        log.warning(
-            "POST /feedback is open (API_FEEDBACK_TOKEN is unset): anyone who reaches the API can label "
-            "predictions, which moves model_live_accuracy and can fire LiveAccuracyLow%s; %s per client a "
-            "minute. Set API_FEEDBACK_TOKEN unless only trusted clients reach the API",
-            ", and (uploads are kept) adds training photos" if settings.store_uploads else "",
-            f"limited to {settings.feedback_rate_per_minute:g}" if settings.feedback_rate_per_minute else "not limited",
-        )
+        if is_loopback(settings.host):
+            # Only this machine reaches it: one line, not the full warning.
+            log.warning("POST /feedback is open (no API_FEEDBACK_TOKEN): fine on %s, set one before exposing the API",
+                        settings.host)  # fmt: skip
+        else:
+            log.warning(
+                "POST /feedback is open (API_FEEDBACK_TOKEN is unset) on %s: anyone who reaches the API can label "
+                "predictions, which moves model_live_accuracy and can fire LiveAccuracyLow%s; %s per client a "
+                "minute. Set API_FEEDBACK_TOKEN unless only trusted clients reach the API",
+                settings.host,
+                ", and (uploads are kept) adds training photos" if settings.store_uploads else "",
+                f"limited to {settings.feedback_rate_per_minute:g}"
+                if settings.feedback_rate_per_minute
+                else "not limited",
+            )
     if (database := sqlite_file(settings.database.url.get_secret_value())) is not None:
         log.info("prediction log: %s", database.resolve())  # say where, in case it is not where it was meant
     return PredictionLog(
