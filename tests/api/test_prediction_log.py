@@ -206,14 +206,15 @@ async def test_neither_feedback_is_stored_and_counted_as_evidence_about_the_flag
         assert stored[flagged["id"]] == "neither" and logged[flagged["id"]].in_domain is False
         assert sorted(stored.values()) == ["dandelion", "grass", "neither", "neither"]
 
-        async def refreshed() -> bool:
+        outcomes = ("confirmed_out_of_domain", "missed_out_of_domain", "wrongly_flagged", "confirmed_in_domain")
+
+        async def refreshed() -> bool:  # a refresh that began before the last feedback was written shows less
             text = (await client.get("/metrics")).text
-            return metric(text, "model_live_domain_feedback", outcome="confirmed_out_of_domain") == 1
+            return [metric(text, "model_live_domain_feedback", outcome=o) for o in outcomes] == [1, 1, 1, 1]
 
         await until(refreshed)
         text = (await client.get("/metrics")).text
-        for outcome in ("confirmed_out_of_domain", "missed_out_of_domain", "wrongly_flagged", "confirmed_in_domain"):
-            assert metric(text, "model_live_domain_feedback", outcome=outcome) == 1, outcome
+        for outcome in outcomes:
             assert metric(text, "model_domain_feedback_total", outcome=outcome, version="1") == 1, outcome
         assert metric(text, "model_feedback_total", outcome="neither", version="1") == 2
         # Live accuracy over the two dandelion/grass labels only (both right); neither counted as wrong would say 0.5.
