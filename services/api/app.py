@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +35,7 @@ from services.api.registry import MlflowSource
 from services.api.responses import JSONResponse
 from services.api.routes import docs, feedback, health, invocations, model, page, predict
 from services.api.runtime import LoadedModel, ModelRuntime, ModelSource
+from services.api.schemas import complete_openapi
 from services.api.service import Classifier
 from services.api.settings import ApiSettings
 from shared.db import sqlite_file
@@ -141,6 +144,14 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
 
     for router in (predict.router, invocations.router, feedback.router, model.router, health.router, page.router):
         app.include_router(router)
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = complete_openapi(generate_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     if settings.docs:
         app.include_router(docs.router)
 
@@ -174,17 +185,35 @@ def _report_stopped(task: asyncio.Task) -> None:
         log.error("%s stopped: %r; predictions are no longer logged", task.get_name(), task.exception())
 
 
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on is reachable from this machine only (``0.0.0.0`` and ``::`` are not)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
 def _prediction_log(settings: ApiSettings, metrics: ApiMetrics) -> PredictionLog | None:
     if not settings.prediction_log:
         return None
     if settings.feedback_token is None:
-        log.warning(
-            "POST /feedback is open (API_FEEDBACK_TOKEN is unset): anyone who reaches the API can label "
-            "predictions, which moves model_live_accuracy and can fire LiveAccuracyLow%s; %s per client a "
-            "minute. Set API_FEEDBACK_TOKEN unless only trusted clients reach the API",
-            ", and (uploads are kept) adds training photos" if settings.store_uploads else "",
-            f"limited to {settings.feedback_rate_per_minute:g}" if settings.feedback_rate_per_minute else "not limited",
-        )
+        if is_loopback(settings.host):
+            # Only this machine reaches it: one line, not the full warning.
+            log.warning("POST /feedback is open (no API_FEEDBACK_TOKEN): fine on %s, set one before exposing the API",
+                        settings.host)  # fmt: skip
+        else:
+            log.warning(
+                "POST /feedback is open (API_FEEDBACK_TOKEN is unset) on %s: anyone who reaches the API can label "
+                "predictions, which moves model_live_accuracy and can fire LiveAccuracyLow%s; %s per client a "
+                "minute. Set API_FEEDBACK_TOKEN unless only trusted clients reach the API",
+                settings.host,
+                ", and (uploads are kept) adds training photos" if settings.store_uploads else "",
+                f"limited to {settings.feedback_rate_per_minute:g}"
+                if settings.feedback_rate_per_minute
+                else "not limited",
+            )
     if (database := sqlite_file(settings.database.url.get_secret_value())) is not None:
         log.info("prediction log: %s", database.resolve())  # say where, in case it is not where it was meant
     return PredictionLog(

@@ -50,6 +50,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--workers", type=int, default=settings.workers, help="processes, each with its own model (API_WORKERS)"
     )
     args = parser.parse_args(argv)
+    if args.host != settings.host:  # the app says how open it is by the address it is bound to
+        settings = settings.model_copy(update={"host": args.host})
+        os.environ["API_HOST"] = args.host  # and so do the worker processes' apps, built from the environment
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = {

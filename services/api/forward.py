@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from shared.images import MODEL_SIZE
+from shared.quiet import filtered_stderr
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,15 @@ class LiteRtForward:
         from ai_edge_litert.interpreter import Interpreter
 
         self._flatbuffer = flatbuffer  # the interpreter reads the model from this buffer
-        self._interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
+        # The first allocation applies the XNNPACK delegate, which LiteRT announces on fd 2 ("INFO: Created
+        # TensorFlow Lite XNNPACK delegate for CPU."): kept off the console, anything else it prints is not.
+        with filtered_stderr():
+            self._interpreter = Interpreter(model_content=flatbuffer, num_threads=threads)
+            self._interpreter.allocate_tensors()
         (source,) = self._interpreter.get_input_details()
         (target,) = self._interpreter.get_output_details()
         self._input, self._output = source["index"], target["index"]
-        self._rows = -1
+        self._rows = int(source["shape"][0])
         self.chunk = chunk
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

@@ -14,6 +14,8 @@ from prometheus_client import (
     process_collector,
 )
 
+from shared.feedback import DOMAIN_OUTCOMES
+
 HTTP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -87,19 +89,40 @@ class ApiMetrics:
         )
         self.feedback = Counter(
             "model_feedback",
-            "Feedback received (first label per prediction), by whether the served prediction was right.",
+            "Feedback received (first label per prediction), by whether the served prediction was right: correct, "
+            "wrong, or neither (the photo is neither a dandelion nor grass: no verdict on the two-class answer).",
+            ["version", "outcome"],
+            registry=r,
+        )
+        self.domain_feedback = Counter(
+            "model_domain_feedback",
+            "Feedback on answers with an in-domain verdict, by what it says about that verdict: "
+            "confirmed_out_of_domain (neither, on a flagged answer), missed_out_of_domain (neither, on an answer in "
+            "domain), wrongly_flagged (dandelion or grass, on a flagged answer), confirmed_in_domain.",
             ["version", "outcome"],
             registry=r,
         )
         self.live_accuracy = Gauge(
             "model_live_accuracy",
-            "Accuracy of the served model version over all its predictions with feedback (from the database).",
+            "Accuracy of the served model version over its predictions with a dandelion or grass label as feedback "
+            "(from the database; neither labels are counted by model_live_domain_feedback).",
             registry=r,
         )
         self.live_accuracy_samples = Gauge(
-            "model_live_accuracy_samples", "Predictions of the served version that have feedback.", registry=r
+            "model_live_accuracy_samples",
+            "Predictions of the served version that have dandelion or grass feedback.",
+            registry=r,
+        )
+        self.live_domain_feedback = Gauge(
+            "model_live_domain_feedback",
+            "Predictions of the served version with feedback, by what the feedback says about the in-domain verdict "
+            "(from the database; outcomes as in model_domain_feedback).",
+            ["outcome"],
+            registry=r,
         )
         self.live_accuracy.set(float("nan"))  # unknown until computed, not 0
+        for outcome in DOMAIN_OUTCOMES:
+            self.live_domain_feedback.labels(outcome=outcome).set(0)
 
         for reason in ("queue_full", "rejected", "shutdown"):
             self.log_dropped.labels(reason=reason)  # exported as 0 from the start, not only after a first drop

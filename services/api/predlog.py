@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Integer, func, insert, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from services.api.metrics import ApiMetrics
 from shared.db import create_engine, create_tables
+from shared.feedback import DOMAIN_OUTCOMES, domain_outcome
 from shared.images import EXTENSIONS, MIME_TYPES
+from shared.labels import NEITHER
 from shared.settings import DatabaseSettings, ObjectStoreSettings
 from shared.storage import ObjectStore, open_store
 from shared.tables import FeedbackRow, PredictionRow
@@ -341,17 +343,30 @@ class PredictionLog:
             self._written.notify_all()
 
     async def _refresh_accuracy(self) -> None:
+        """Live accuracy over the served version's dandelion/grass feedback, and what its feedback says about the
+        in-domain verdicts (``neither`` labels included)."""
         name, version = self.serving
         query = (
-            select(func.count(), func.sum((PredictionRow.label == FeedbackRow.label).cast(Integer)))
+            select(PredictionRow.label, PredictionRow.in_domain, FeedbackRow.label, func.count())
             .select_from(FeedbackRow)
             .join(PredictionRow, PredictionRow.id == FeedbackRow.prediction_id)
             .where(PredictionRow.model_name == name, PredictionRow.model_version == version)
+            .group_by(PredictionRow.label, PredictionRow.in_domain, FeedbackRow.label)
         )
         async with self.sessions() as session:
-            total, correct = (await session.execute(query)).one()
-        self.metrics.live_accuracy_samples.set(total or 0)
-        self.metrics.live_accuracy.set(float(correct or 0) / total if total else float("nan"))
+            groups = (await session.execute(query)).all()
+        total = correct = 0
+        outcomes = dict.fromkeys(DOMAIN_OUTCOMES, 0)
+        for predicted, in_domain, told, count in groups:
+            if told != NEITHER:
+                total += count
+                correct += count if predicted == told else 0
+            if (outcome := domain_outcome(in_domain, told)) is not None:
+                outcomes[outcome] += count
+        self.metrics.live_accuracy_samples.set(total)
+        self.metrics.live_accuracy.set(correct / total if total else float("nan"))
+        for outcome, count in outcomes.items():
+            self.metrics.live_domain_feedback.labels(outcome=outcome).set(count)
 
     def _set_healthy(self, healthy: bool) -> None:
         self.healthy = healthy

@@ -144,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("embed", "run"):
             print(_embed(settings, args, progress).summary(), flush=True)
         if args.command in ("train", "run"):
-            from services.trainer.quiet import import_tensorflow
+            from shared.quiet import import_tensorflow
 
             import_tensorflow()
             from services.trainer.train import train_and_register

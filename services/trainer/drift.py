@@ -23,7 +23,9 @@ from services.trainer.settings import TrainerSettings
 from shared.db import open_database
 from shared.descriptors import DESCRIPTOR_COLUMNS
 from shared.drift import ALERTING_FEATURES, Reference, worst
-from shared.tables import PredictionRow
+from shared.feedback import DOMAIN_OUTCOMES, domain_outcome
+from shared.labels import NEITHER
+from shared.tables import FeedbackRow, PredictionRow
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,10 @@ class RecentPredictions:
     last: datetime | None
     outside: np.ndarray | None = None
     """Per prediction: 1.0 out of domain, 0.0 in domain, NaN when the answering version had no in-domain score."""
+    predicted: tuple[str, ...] = ()
+    """Per prediction: the label it answered."""
+    told: tuple[str | None, ...] = ()
+    """Per prediction: the label a user gave it through ``POST /feedback`` (``neither`` too), None without one."""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -151,6 +157,30 @@ class RecentPredictions:
             f"training photos (about {FLAG_RATE:.1%} of real dandelion/grass photos are, by design)"
         )
 
+    def feedback_line(self) -> str:
+        """What users said about the window's answers: live accuracy over their dandelion/grass labels, and what
+        every label (``neither`` too) says about the in-domain verdicts."""
+        if all(told is None for told in self.told):
+            return "feedback: none on these predictions"
+        outside = self.outside if self.outside is not None else np.full(len(self.told), np.nan)
+        labelled = [(p, t, o) for p, t, o in zip(self.predicted, self.told, outside, strict=True) if t is not None]
+        judged = [(p, t) for p, t, _ in labelled if t != NEITHER]
+        neither = len(labelled) - len(judged)
+        accuracy = (
+            f"{sum(p == t for p, t in judged) / len(judged):.1%} right of {len(judged)} dandelion/grass labels"
+            if judged
+            else "no dandelion/grass label"
+        )
+        outcomes = dict.fromkeys(DOMAIN_OUTCOMES, 0)
+        for _, told, out in labelled:
+            if (outcome := domain_outcome(None if np.isnan(out) else not out, told)) is not None:
+                outcomes[outcome] += 1
+        return (
+            f"feedback: {len(labelled)} labels; {accuracy}; {neither} neither: "
+            f"{outcomes['confirmed_out_of_domain']} confirmed out of domain, {outcomes['missed_out_of_domain']} "
+            f"answered as in domain (missed); {outcomes['wrongly_flagged']} dandelion/grass photos wrongly flagged"
+        )
+
     def span(self) -> str:
         if self.first is None or self.last is None:
             return "none"
@@ -161,17 +191,19 @@ async def recent_predictions(settings: TrainerSettings, window: int) -> RecentPr
     """The descriptors of the latest ``window`` predictions of the configured model name (any version)."""
     columns = [getattr(PredictionRow, name) for name in DESCRIPTOR_COLUMNS]
     query = (
-        select(PredictionRow.created_at, PredictionRow.in_domain, *columns)
+        select(PredictionRow.created_at, PredictionRow.in_domain, PredictionRow.label, FeedbackRow.label, *columns)
+        .outerjoin(FeedbackRow, FeedbackRow.prediction_id == PredictionRow.id)
         .where(PredictionRow.model_name == settings.registry.model_name)
         .order_by(PredictionRow.created_at.desc(), PredictionRow.id.desc())
         .limit(window)
     )
     async with open_database(settings.database) as sessions, sessions() as session:
         result = (await session.execute(query)).all()
-    rows = np.asarray([r[2:] for r in result], dtype=np.float64).reshape(-1, len(DESCRIPTOR_COLUMNS))
+    rows = np.asarray([r[4:] for r in result], dtype=np.float64).reshape(-1, len(DESCRIPTOR_COLUMNS))
     outside = np.asarray([np.nan if r[1] is None else float(not r[1]) for r in result], dtype=np.float64)
     times = [_utc(r[0]) for r in result]
-    return RecentPredictions(rows, min(times, default=None), max(times, default=None), outside)
+    predicted, told = tuple(r[2] for r in result), tuple(r[3] for r in result)
+    return RecentPredictions(rows, min(times, default=None), max(times, default=None), outside, predicted, told)
 
 
 def _utc(moment: datetime) -> datetime:
@@ -247,6 +279,7 @@ class DriftReport:
                 f"{9 / len(self.recent):.2g} at this size)"
             )
             lines.append(self.recent.domain_line())
+            lines.append(self.recent.feedback_line())
             return "\n".join(lines)
         verdict = (
             f"INPUT DRIFT on {', '.join(self.drifted)}" if self.drifted else "no input drift on the colour features"
@@ -254,6 +287,7 @@ class DriftReport:
         comparison = ">" if psi > self.threshold else "<="
         lines.append(f"worst colour feature: {name} PSI {psi:.3f} {comparison} {self.threshold:g}: {verdict}")
         lines.append(self.recent.domain_line())
+        lines.append(self.recent.feedback_line())
         return "\n".join(lines)
 
     def champion_label(self) -> str:

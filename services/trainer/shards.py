@@ -157,7 +157,7 @@ async def ensure_extractor(settings: TrainerSettings) -> bytes:
         cached = await embeddings.cached_extractor(store, spec)
         if cached is not None:
             return cached
-        from services.trainer.quiet import filtered_stderr, import_tensorflow
+        from shared.quiet import filtered_stderr, import_tensorflow
 
         import_tensorflow()
         with filtered_stderr():
@@ -177,7 +177,7 @@ async def _embed_part(
         return report
     spec = spec_of(settings)
     flatbuffer = await ensure_extractor(settings)
-    from services.trainer.quiet import filtered_stderr
+    from shared.quiet import filtered_stderr
 
     with filtered_stderr():
         extractor = Extractor(flatbuffer, settings.embed_threads or os.cpu_count() or 1)

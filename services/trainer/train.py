@@ -32,7 +32,6 @@ from services.trainer.estimates import Estimates
 from services.trainer.extractor import TRAINING_VIEWS, Extractor
 from services.trainer.features import load_feature_set
 from services.trainer.head import SoftmaxHead
-from services.trainer.quiet import filtered_stderr
 from services.trainer.registry import (
     HEAD_ARTIFACT,
     Champion,
@@ -48,6 +47,7 @@ from shared.descriptors import DESCRIPTOR_COLUMNS
 from shared.drift import Reference
 from shared.images import MODEL_SIZE, preprocess
 from shared.labels import LABELS, NEITHER
+from shared.quiet import filtered_stderr
 from shared.storage import open_store
 from shared.tables import FeatureSetRow
 
@@ -272,7 +272,7 @@ def train_and_register(
     """Load, embed, fit, evaluate, export, log, register, gate: one MLflow run."""
     started = time.perf_counter()
     feature_set, data, embed_seconds = load(settings, feature_set_version, progress)
-    from services.trainer.quiet import import_tensorflow
+    from shared.quiet import import_tensorflow
 
     import_tensorflow()
     import keras

@@ -1,15 +1,18 @@
-"""Run the real API (``python -m services.api``) as a process on a free port."""
+"""Run the real API on a free port: as a process (``python -m services.api``), or, with a fake model, on a real
+uvicorn server in a thread of the test process (the fake cannot cross a process)."""
 
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import uvicorn
 
-from tests.servers import free_port, running
+from tests.servers import free_port, running, wait_until
 
 
 @contextmanager
@@ -26,3 +29,19 @@ def api_process(env: dict[str, str], log: Path, *, wait_ready: bool = True, time
         what="the API",
     ):
         yield url
+
+
+@contextmanager
+def app_in_thread(app) -> Iterator[str]:
+    """``app`` served by uvicorn on 127.0.0.1 in a thread, until it is ready; stopped (lifespan and all) after."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: httpx.get(f"{url}/health/ready", timeout=2).status_code == 200, None, 30, None, "the app")
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)

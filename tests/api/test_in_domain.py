@@ -96,3 +96,30 @@ async def test_the_prediction_log_keeps_the_distance_and_the_verdict(scored, api
     for answer in answers:
         distance_, in_domain = stored[answer["id"]]
         assert distance_ == pytest.approx(answer["domain_distance"]) and bool(in_domain) is answer["in_domain"]
+
+
+async def test_a_refused_kind_is_named_and_explain_returns_the_map_only_when_asked(api_settings: ApiSettings) -> None:
+    source = FakeSource()
+    source.domain_threshold, source.neither_threshold, source.explains = THRESHOLD, 0.5, True
+    rose = png((230, 40, 80))  # near in brightness (0.45), but red: the fake's refused kind
+    app = create_app(api_settings, source=source)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            await wait_ready(client)
+            files = [("file", ("r.png", rose)), ("file", ("w.png", WHITE)), ("file", ("y.png", YELLOW))]
+            plain = (await client.post("/predict", files=files)).json()
+            explained = (await client.post("/predict?explain=true", files=files)).json()
+    refused, blank, flower = plain
+    assert (refused["in_domain"], refused["out_of_domain_reason"]) == (False, "looks_like_refused_kind")
+    assert refused["neither"] > 0.5 and refused["domain_distance"] < THRESHOLD  # the distance alone let it in
+    assert (blank["in_domain"], blank["out_of_domain_reason"]) == (False, "unlike_training_photos")
+    assert (flower["in_domain"], flower["out_of_domain_reason"]) == (True, None) and flower["neither"] < 0.5
+    assert all("explain" not in answer for answer in plain)  # computed only when asked
+    for answer in explained:
+        explain = answer["explain"]
+        assert explain["for"] == answer["label"] and explain["grid"] == [3, 3]
+        assert np.asarray(explain["evidence"]).shape == (3, 3)
+        assert explain["png"].startswith("data:image/png;base64,")
+    # The map is the answer's side of the evidence: a yellow photo argued for dandelion in every cell.
+    assert explained[2]["label"] == "dandelion" and np.min(explained[2]["explain"]["evidence"]) > 0

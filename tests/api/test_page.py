@@ -122,7 +122,7 @@ async def test_no_inline_scripts_or_styles(client: httpx.AsyncClient) -> None:
 
 async def test_the_page_calls_predict_and_feedback_and_nothing_else(client: httpx.AsyncClient) -> None:
     script = (await client.get("/static/app.js")).text
-    assert re.findall(r"fetch\(\s*\"([^\"]+)\"", script) == ["/predict", "/feedback"]
+    assert re.findall(r"fetch\(\s*\"([^\"]+)\"", script) == ["/predict?explain=true", "/feedback"]
     assert "XMLHttpRequest" not in script and "WebSocket" not in script and "sendBeacon" not in script
     assert "innerHTML" not in script, "file names are rendered as text, never as markup"
 

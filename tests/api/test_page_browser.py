@@ -160,6 +160,16 @@ def cards(page: Page) -> list[dict]:
     )
 
 
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the series of ``name`` that carry ``labels`` (whatever their other labels), 0 when none."""
+    total = 0.0
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.split("{")[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
 def predictions(recorded: Recorded) -> int:
     return sum(1 for method, url in recorded.requests if method == "POST" and urlparse(url).path == "/predict")
 
@@ -193,19 +203,26 @@ def test_real_photos_get_their_labels(page: Page, photos: dict[str, Path], model
 def test_telling_the_page_an_answer_was_wrong_records_the_true_label(
     page: Page, api: str, photos: dict[str, Path], recorded
 ) -> None:
-    with page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
+    with page.expect_response(lambda r: "/predict" in r.url) as answer:
         page.set_input_files("#file", str(photos["dandelion"]))
     settle(page, 1)
     prediction_id = answer.value.json()["id"]
     feedback = page.locator("#results .card .feedback")
     assert feedback.is_visible() and "Right?" in feedback.inner_text()
+    buttons = [b.inner_text() for b in feedback.locator("button").all()]
+    assert buttons == ["Yes", "No, it is grass", "Neither"], "three answers on a card in domain too"
+    wrong_before = metric(httpx.get(f"{api}/metrics", timeout=10).text, "model_feedback_total", outcome="wrong")
     page.get_by_role("button", name="No, it is grass").click()
     page.wait_for_function("() => document.querySelector('#results .card .feedback').dataset.status", timeout=WAIT_MS)
     assert feedback.inner_text() == "Thanks: recorded as grass."
-    # Recorded server-side: the same label again is "unchanged", another one a conflict.
+    # Recorded server-side (the prediction log's row and its feedback): the same label again is "unchanged",
+    # another one a conflict.
     again = httpx.post(f"{api}/feedback", json={"prediction_id": prediction_id, "label": "grass"}, timeout=30)
     assert again.status_code == 200 and again.json()["status"] == "unchanged"
+    assert (again.json()["label"], again.json()["predicted"], again.json()["correct"]) == ("grass", "dandelion", False)
     assert httpx.post(f"{api}/feedback", json={"prediction_id": prediction_id, "label": "dandelion"}).status_code == 409
+    wrong = metric(httpx.get(f"{api}/metrics", timeout=10).text, "model_feedback_total", outcome="wrong")
+    assert wrong == wrong_before + 1
 
 
 def test_a_text_file_gets_a_clear_error(page: Page, tmp_path: Path, recorded) -> None:
@@ -331,20 +348,74 @@ def test_an_unsure_answer_says_not_sure(page: Page, api: str, photos: dict[str, 
     page.screenshot(path=ARTIFACTS / "upload-page-unsure.png", full_page=True)
 
 
-def test_a_photo_of_something_else_is_called_neither(page: Page, tmp_path: Path, recorded) -> None:
+FLAGGED = {
+    "unlike_training_photos": "This does not look like a photo of dandelions or grass",
+    "looks_like_refused_kind": "This looks like another flower, not a dandelion",
+}
+NEUTRAL = "rgb(123, 135, 148)"  # style.css --neutral
+
+
+def test_a_photo_of_something_else_is_called_neither(page: Page, api: str, tmp_path: Path, recorded) -> None:
+    """The flagged card asks for one of three answers, with an accent that gives no class away, and "Neither" is
+    stored as neither (never as the class the model would have said) and counted as a confirmed flag."""
     from tests.api.test_integration import other_images
 
     path = tmp_path / "cat.png"
     path.write_bytes(other_images()["a cat"])
-    page.set_input_files("#file", str(path))
+    with page.expect_response(lambda r: "/predict" in r.url) as answer:
+        page.set_input_files("#file", str(path))
     settle(page, 1)
+    body = answer.value.json()
     (card,) = cards(page)
     assert card["state"] == "done"
-    assert card["verdict"] == "This does not look like a photo of dandelions or grass"
+    assert body["in_domain"] is False and card["verdict"] == FLAGGED[body["out_of_domain_reason"]]
     assert card["spoken"].startswith(card["verdict"] + "; the model would say ")  # nothing hidden
     assert [b["cls"] for b in card["bars"]] == CLASSES
     assert page.eval_on_selector("#results .card", "c => c.dataset.outside") == "true"
+    assert page.eval_on_selector("#results .card", "c => getComputedStyle(c).borderLeftColor") == NEUTRAL
+    feedback = page.locator("#results .card .feedback")
+    assert feedback.locator(".feedback-question").inner_text() == "Is it dandelion, grass, or neither?"
+    assert [b.inner_text() for b in feedback.locator("button").all()] == ["Dandelion", "Grass", "Neither"]
     page.screenshot(path=ARTIFACTS / "upload-page-neither.png", full_page=True)
+    before = metric(httpx.get(f"{api}/metrics", timeout=10).text, "model_feedback_total", outcome="neither")
+
+    page.get_by_role("button", name="Neither").click()
+    page.wait_for_function("() => document.querySelector('#results .card .feedback').dataset.status", timeout=WAIT_MS)
+    assert feedback.inner_text() == "Thanks: recorded as neither."
+    # The prediction log holds the flagged answer and its neither label; grass would now be a conflict.
+    again = httpx.post(f"{api}/feedback", json={"prediction_id": body["id"], "label": "neither"}, timeout=30)
+    assert again.status_code == 200 and again.json()["status"] == "unchanged"
+    assert again.json() | {"model": None} == {
+        "prediction_id": body["id"],
+        "label": "neither",
+        "predicted": body["label"],
+        "correct": None,
+        "in_domain": False,
+        "domain_outcome": "confirmed_out_of_domain",
+        "model": None,
+        "status": "unchanged",
+    }
+    assert httpx.post(f"{api}/feedback", json={"prediction_id": body["id"], "label": "grass"}).status_code == 409
+    text = httpx.get(f"{api}/metrics", timeout=10).text
+    assert metric(text, "model_feedback_total", outcome="neither") == before + 1
+    assert metric(text, "model_domain_feedback_total", outcome="confirmed_out_of_domain") >= 1
+
+
+def test_why_shows_and_hides_where_the_model_looked(page: Page, api: str, photos: dict[str, Path], recorded) -> None:
+    assert httpx.get(f"{api}/model", timeout=10).json()["explains"] is True, "the served version has no map"
+    with page.expect_response(lambda r: "/predict" in r.url) as answer:
+        page.set_input_files("#file", str(photos["dandelion"]))
+    settle(page, 1)
+    explain = answer.value.json()["explain"]
+    overlay, why = page.locator("#results .card .heatmap"), page.locator("#results .card .why")
+    assert not overlay.is_visible() and why.get_attribute("aria-pressed") == "false"
+    why.click()
+    assert overlay.is_visible() and overlay.get_attribute("src") == explain["png"]
+    grid = page.eval_on_selector("#results .card .heatmap", "i => [i.naturalWidth, i.naturalHeight]")
+    assert grid == explain["grid"], "the map's PNG was decoded (allowed by the page's CSP) at its grid size"
+    page.screenshot(path=ARTIFACTS / "upload-page-why-real.png", full_page=True)
+    why.click()
+    assert not overlay.is_visible() and why.get_attribute("aria-pressed") == "false"
 
 
 def test_phone_sized_screen(browser: Browser, api: str, photos: dict[str, Path], tmp_path: Path) -> None:
@@ -363,14 +434,18 @@ def test_phone_sized_screen(browser: Browser, api: str, photos: dict[str, Path],
         for selector in ("#dropzone", "#results .card"):
             box = page.locator(selector).first.bounding_box()
             assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, selector
-        # A phone has no Enter key to browse with and no Ctrl+V: the hint does not say so.
+        # A phone has no Enter key to browse with, no Ctrl+V and nothing to drop: the page does not say so.
         assert not page.locator(".keyboard-hint").is_visible()
+        assert page.locator("#drop-title").inner_text() == "Choose or take a photo"
         assert "JPEG" in page.locator("#drop-hint").inner_text()
-        # The feedback buttons keep their words on one line: "No, it is dandelion" as tall as "Yes".
+        # The feedback buttons keep their words on one line, and all three share one line: "No, it is dandelion"
+        # is as tall as "Yes" and beside it, not on a line of its own.
         for feedback in page.locator("#results .card .feedback").all()[:2]:
-            yes, no = (button.bounding_box() for button in feedback.locator("button").all())
-            assert yes is not None and no is not None
+            yes, no, neither = (button.bounding_box() for button in feedback.locator("button").all())
+            assert yes is not None and no is not None and neither is not None
             assert abs(no["height"] - yes["height"]) < 1, f"a feedback button wraps: {no} vs {yes}"
+            assert abs(no["y"] - yes["y"]) < 1 and abs(neither["y"] - yes["y"]) < 1, f"{yes} {no} {neither}"
+        assert page.locator("#results .card .feedback button", has_text="No, it is dandelion").count() == 1
         spilled = page.eval_on_selector_all(
             "#results .card",
             """cards => cards.flatMap(card => {

@@ -126,6 +126,8 @@ async def test_feedback_validates_is_idempotent_and_counts(client: httpx.AsyncCl
         "label": "grass",
         "predicted": "dandelion",
         "correct": False,
+        "in_domain": None,  # the fake model has no in-domain score here
+        "domain_outcome": None,
         "model": {"name": "fake-model", "version": "1"},
         "status": "recorded",
     }
@@ -169,6 +171,55 @@ async def test_live_accuracy_gauge_comes_from_the_database(api_settings: ApiSett
         await until(refreshed)
         text = (await client.get("/metrics")).text
         assert metric(text, "model_live_accuracy") == pytest.approx(2 / 3)
+
+
+async def test_neither_feedback_is_stored_and_counted_as_evidence_about_the_flag(api_settings: ApiSettings) -> None:
+    """``neither`` is a third answer: stored as such, kept out of live accuracy, and counted against the answer's
+    in-domain verdict (confirmed flag, missed flag, wrongly flagged)."""
+    settings = api_settings.model_copy(update={"prediction_log_flush_interval_s": 0.05})
+    source = FakeSource()
+    source.domain_threshold = 0.3  # the fake's distance: a white photo is far (0.6), the yellow one near (0.24)
+    white, yellow = png((255, 255, 255)), DANDELION
+    async with serving(settings, source) as (app, client):
+        app.state.predlog.accuracy_refresh_s = 0.05
+        told = [(white, "neither"), (yellow, "neither"), (white, "grass"), (yellow, "dandelion")]
+        answers = []
+        for data, label in told:
+            answer = (await client.post("/predict", files={"file": ("p.png", data, "image/png")})).json()
+            response = await client.post("/feedback", json={"prediction_id": answer["id"], "label": label})
+            assert response.status_code == 201, response.text
+            answers.append((answer, response.json()))
+        (flagged, confirmed), (_, missed), (_, wrongly), (_, right) = answers
+        assert flagged["in_domain"] is False and flagged["out_of_domain_reason"] == "unlike_training_photos"
+        assert confirmed["label"] == "neither" and confirmed["correct"] is None  # no verdict on the two classes
+        assert (confirmed["in_domain"], confirmed["domain_outcome"]) == (False, "confirmed_out_of_domain")
+        assert (missed["in_domain"], missed["domain_outcome"]) == (True, "missed_out_of_domain")
+        assert wrongly["domain_outcome"] == "wrongly_flagged" and right["domain_outcome"] == "confirmed_in_domain"
+        assert right["correct"] is True
+        again = await client.post("/feedback", json={"prediction_id": flagged["id"], "label": "neither"})
+        assert again.status_code == 200 and again.json()["status"] == "unchanged"
+        other = await client.post("/feedback", json={"prediction_id": flagged["id"], "label": "grass"})
+        assert other.status_code == 409
+
+        stored = {f.prediction_id: f.label for f in await rows(settings, FeedbackRow)}
+        logged = {r.id: r for r in await rows(settings)}
+        assert stored[flagged["id"]] == "neither" and logged[flagged["id"]].in_domain is False
+        assert sorted(stored.values()) == ["dandelion", "grass", "neither", "neither"]
+
+        outcomes = ("confirmed_out_of_domain", "missed_out_of_domain", "wrongly_flagged", "confirmed_in_domain")
+
+        async def refreshed() -> bool:  # a refresh that began before the last feedback was written shows less
+            text = (await client.get("/metrics")).text
+            return [metric(text, "model_live_domain_feedback", outcome=o) for o in outcomes] == [1, 1, 1, 1]
+
+        await until(refreshed)
+        text = (await client.get("/metrics")).text
+        for outcome in outcomes:
+            assert metric(text, "model_domain_feedback_total", outcome=outcome, version="1") == 1, outcome
+        assert metric(text, "model_feedback_total", outcome="neither", version="1") == 2
+        # Live accuracy over the two dandelion/grass labels only (both right); neither counted as wrong would say 0.5.
+        assert metric(text, "model_live_accuracy_samples") == 2
+        assert metric(text, "model_live_accuracy") == 1
 
 
 async def test_feedback_token_when_configured(api_settings: ApiSettings) -> None:

@@ -114,22 +114,29 @@ def test_report_table_png_and_psi(champion_env: TrainerSettings, capsys, tmp_pat
             data, model_name=settings.registry.model_name, created_at=START + timedelta(seconds=i), stored=False
         )
         rows.append((row, None, None))
+    # Two of the window's answers got feedback: a flagged one "neither", one in domain its own label.
+    flagged, kept = rows[-1][0], rows[-2][0]
+    flagged.in_domain, kept.in_domain = False, True
     # Another model's predictions, the newest of all, share the table and must not count.
     other, _ = api_prediction(normal[0], model_name="another-model", created_at=START + timedelta(days=1), stored=False)
     rows.append((other, None, None))
-    asyncio.run(record(settings, rows))
+    asyncio.run(record(settings, rows, [(flagged.id, "neither"), (kept.id, kept.label), (other.id, "neither")]))
 
     out = tmp_path / "report" / "drift.png"
     assert main(["drift", "--quiet", "--window", str(DARK), "--out", str(out)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     print("\n" + "\n".join(lines))
-    header, columns, *table, verdict, domain, written = lines
+    header, columns, *table, verdict, domain, told, written = lines
     assert header.startswith("drift: champion v1 (run ") and f"vs the last {DARK} predictions (" in header
     assert "reference from model metadata" in header
     assert columns.split() == ["feature", "ref", "mean", "ref", "std", "recent", "mean", "recent", "std", "PSI"]
     assert [line.split()[0] for line in table] == list(DESCRIPTOR_COLUMNS)
     assert written == f"drift: histograms written to {out}"
-    assert domain.startswith("out of domain: ")  # the crafted predictions were recorded without a score
+    assert domain.startswith("out of domain: 1 of 2 scored predictions")  # the others were recorded unscored
+    assert told == (
+        "feedback: 2 labels; 100.0% right of 1 dandelion/grass labels; 1 neither: 1 confirmed out of domain, "
+        "0 answered as in domain (missed); 0 dandelion/grass photos wrongly flagged"
+    )
 
     # PSI is shared.drift's, on the champion's stored reference, over exactly the window's rows.
     reference = stored_reference(settings)
@@ -168,7 +175,7 @@ def test_report_table_png_and_psi(champion_env: TrainerSettings, capsys, tmp_pat
     assert main(["drift", "--quiet", "--window", "20", "--out", str(tmp_path / "few.png")]) == 0
     few = capsys.readouterr().out.strip().splitlines()
     assert not [line for line in few if line.endswith("DRIFT")]
-    assert "not judged: 20 predictions, 100 needed" in few[-3]
+    assert "not judged: 20 predictions, 100 needed" in few[-4]
     with Image.open(tmp_path / "few.png") as image:  # and the picture does not paint it red either
         few_pixels = np.asarray(image.convert("RGB")).reshape(-1, 3).astype(int)
     assert np.all(np.abs(few_pixels - (0xFD, 0xEC, 0xEC)) <= 2, axis=1).sum() == 0
@@ -219,3 +226,19 @@ def test_the_out_of_domain_share_counts_only_scored_predictions() -> None:
     assert window.domain_line().startswith("out of domain: 2 of 4 scored predictions (50.0%) were unlike")
     unscored = RecentPredictions(rows, None, None, np.full(5, np.nan))
     assert "no prediction in the window was scored" in unscored.domain_line()
+
+
+def test_the_feedback_line_counts_neither_as_evidence_about_the_flag_not_as_a_wrong_answer() -> None:
+    rows = np.zeros((6, len(DESCRIPTOR_COLUMNS)))
+    outside = np.array([1.0, 0.0, 1.0, 0.0, np.nan, 0.0])
+    predicted = ("dandelion", "dandelion", "grass", "grass", "grass", "dandelion")
+    told = ("neither", "neither", "grass", "dandelion", "grass", None)
+    window = RecentPredictions(rows, None, None, outside, predicted, told)
+    assert window.feedback_line() == (
+        "feedback: 5 labels; 66.7% right of 3 dandelion/grass labels; 2 neither: 1 confirmed out of domain, "
+        "1 answered as in domain (missed); 1 dandelion/grass photos wrongly flagged"
+    )
+    unlabelled = RecentPredictions(rows, None, None, outside, predicted, (None,) * 6)
+    assert unlabelled.feedback_line() == "feedback: none on these predictions"
+    only_neither = RecentPredictions(rows[:1], None, None, outside[:1], predicted[:1], ("neither",))
+    assert "no dandelion/grass label; 1 neither: 1 confirmed out of domain" in only_neither.feedback_line()

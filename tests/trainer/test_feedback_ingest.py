@@ -213,3 +213,36 @@ def test_no_feedback_is_not_an_error(cli_env: TrainerSettings, capsys: pytest.Ca
     (line,) = capsys.readouterr().out.strip().splitlines()
     assert line.startswith("ingest (feedback): 0 new, 0 already stored")
     assert "1 feedback row, 1 without a stored image (API_STORE_UPLOADS off, " in line
+
+
+def test_neither_feedback_joins_as_a_refused_photo_never_as_either_class(
+    cli_env: TrainerSettings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A flagged photo the user called "neither" (a lizard the page once filed as grass) is ingested with the label
+    ``neither``: the head learns to refuse it; it never becomes a dandelion or grass photo."""
+    settings = cli_env
+    folder = write_crafted_folder(tmp_path / "photos", per_class=3)
+    asyncio.run(ingest(settings, str(folder), progress=False))
+    lizard = png("grass", 600)  # green, like grass: exactly the photo that was misfiled
+    row, key = api_prediction(lizard, stored=True, ext="png", label="grass")
+    row.in_domain = False
+    asyncio.run(record(settings, [(row, key, lizard)], [(row.id, "neither")]))
+
+    assert main(["ingest", "--from-feedback", "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith("ingest (feedback): 1 new, 0 already stored, 0 rejected")
+    rows, objects = asyncio.run(images_and_objects(settings))
+    added = rows[hashlib.sha256(lizard).hexdigest()]
+    assert (added.label, added.kind, added.origin) == ("neither", "feedback", "feedback")
+    assert added.source == f"feedback:{row.id}" and objects[added.object_key] == lizard
+    assert sorted(r.label for r in rows.values()).count("grass") == 3, "not one more grass photo"
+
+    built = asyncio.run(build_features(settings, progress=False))
+
+    async def parquet() -> bytes:
+        async with open_store(settings.store) as store:
+            return await store.get(built.row.object_key)
+
+    table = pq.read_table(io.BytesIO(asyncio.run(parquet())), columns=["sha256", "label"])
+    labels = {r["sha256"]: r["label"] for r in table.to_pylist()}
+    assert labels[added.sha256] == "neither"
+    assert sorted(labels.values()).count("grass") == 3

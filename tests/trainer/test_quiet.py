@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from services.trainer.quiet import filtered_stderr
+from shared.quiet import filtered_stderr
 
 
 def test_chatter_is_dropped_and_real_messages_are_kept(capfd: pytest.CaptureFixture[str]) -> None:

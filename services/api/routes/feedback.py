@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -15,7 +15,9 @@ from sqlalchemy.exc import IntegrityError
 from services.api.deps import RuntimeDep, SettingsDep
 from services.api.errors import BadRequest, Conflict, NotFound, TooManyRequests, Unauthorized, Unavailable
 from services.api.responses import JSONResponse
-from shared.labels import LABELS
+from services.api.schemas import DEFAULT_ERROR, FeedbackAnswer, error
+from shared.feedback import domain_outcome
+from shared.labels import LABELS, NEITHER
 from shared.tables import FeedbackRow, PredictionRow
 
 router = APIRouter(tags=["feedback"])
@@ -27,24 +29,34 @@ WAIT_FOR_LOG_S = 5.0
 
 class Feedback(BaseModel):
     prediction_id: str = Field(description="The `id` of a `/predict` answer (or one of `/invocations`' ids).")
-    label: str = Field(description="The true label: `dandelion` or `grass`.")
+    label: str = Field(
+        description="What the photo shows: `dandelion`, `grass`, or `neither` (something else: another flower, an "
+        "animal, a document). `neither` never becomes a training photo of either class.",
+        json_schema_extra={"enum": [*LABELS, NEITHER]},
+    )
 
     model_config = ConfigDict(
         extra="forbid",  # nothing else is read: an unknown field is a mistake or a probe
-        json_schema_extra={"examples": [{"prediction_id": "0f8e1c2a9b7d4e6f8a1b2c3d4e5f6a7b", "label": "grass"}]},
+        json_schema_extra={
+            "examples": [
+                {"prediction_id": "0f8e1c2a9b7d4e6f8a1b2c3d4e5f6a7b", "label": "grass"},
+                {"prediction_id": "0f8e1c2a9b7d4e6f8a1b2c3d4e5f6a7b", "label": "neither"},
+            ]
+        },
     )
 
 
-RESPONSES = {
-    200: {"description": "The same label was already recorded for this prediction (nothing changed)"},
-    201: {"description": "Recorded"},
-    400: {"description": "Malformed id, unknown label or invalid body"},
-    401: {"description": "`API_FEEDBACK_TOKEN` is set and the bearer token is missing or wrong"},
-    413: {"description": "The body is over `API_FEEDBACK_MAX_BODY_BYTES` (4 KiB)"},
-    429: {"description": "Open feedback (no token): this client sent more than `API_FEEDBACK_RATE_PER_MINUTE`"},
-    404: {"description": "No prediction with this id (or it was dropped from the log under overload or an outage)"},
-    409: {"description": "A different label was already recorded for this prediction"},
-    503: {"description": "The prediction log is off or its database is unavailable"},
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": FeedbackAnswer, "description": "The same label was already recorded (nothing changed)"},
+    201: {"model": FeedbackAnswer, "description": "Recorded"},
+    400: error("Malformed id, unknown label or invalid body"),
+    401: error("`API_FEEDBACK_TOKEN` is set and the bearer token is missing or wrong"),
+    404: error("No prediction with this id (or it was dropped from the log under overload or an outage)"),
+    409: error("A different label was already recorded for this prediction"),
+    413: error("The body is over `API_FEEDBACK_MAX_BODY_BYTES` (4 KiB)"),
+    429: error("Open feedback (no token): this client sent more than `API_FEEDBACK_RATE_PER_MINUTE`"),
+    503: error("The prediction log is off or its database is unavailable"),
+    **DEFAULT_ERROR,
 }
 
 
@@ -71,7 +83,7 @@ async def feedback(
             )
     if not PREDICTION_ID.fullmatch(body.prediction_id):
         raise BadRequest("prediction_id must be the 32 hexadecimal characters of a prediction's id")
-    known = runtime.current.labels if runtime.current else LABELS
+    known = (*(runtime.current.labels if runtime.current else LABELS), NEITHER)
     if body.label not in known:
         raise BadRequest(f"unknown label; expected one of {', '.join(known)}")
     predlog = request.app.state.predlog
@@ -108,8 +120,12 @@ async def _record(predlog, body: Feedback, metrics) -> JSONResponse:
                 if existing is None:
                     raise NotFound(f"no prediction {body.prediction_id} in the log") from None
             else:
+                version = prediction.model_version
                 outcome = "correct" if prediction.label == body.label else "wrong"
-                metrics.feedback.labels(version=prediction.model_version, outcome=outcome).inc()
+                outcome = NEITHER if body.label == NEITHER else outcome
+                metrics.feedback.labels(version=version, outcome=outcome).inc()
+                if (domain := domain_outcome(prediction.in_domain, body.label)) is not None:
+                    metrics.domain_feedback.labels(version=version, outcome=domain).inc()
                 return JSONResponse(_answer(prediction, body.label, "recorded"), status_code=201)
         if existing.label != body.label:
             raise Conflict(f"prediction {body.prediction_id} already has the label {existing.label!r}")
@@ -121,7 +137,9 @@ def _answer(prediction: PredictionRow, label: str, status: str) -> dict[str, obj
         "prediction_id": prediction.id,
         "label": label,
         "predicted": prediction.label,
-        "correct": prediction.label == label,
+        "correct": None if label == NEITHER else prediction.label == label,
+        "in_domain": prediction.in_domain,
+        "domain_outcome": domain_outcome(prediction.in_domain, label),
         "model": {"name": prediction.model_name, "version": prediction.model_version},
         "status": status,
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -11,6 +12,7 @@ from services.api.deps import ClassifierDep, SettingsDep
 from services.api.errors import PayloadTooLarge
 from services.api.middleware import human_bytes
 from services.api.protocol import check_content_type
+from services.api.schemas import DEFAULT_ERROR, Scores, error
 
 router = APIRouter(tags=["mlflow"])
 
@@ -35,16 +37,6 @@ OPENAPI = {
             }
         },
     },
-    "responses": {
-        "200": {
-            "description": "Class probabilities per image, in the order dandelion, grass",
-            "content": {"application/json": {"example": {"predictions": [[0.97, 0.03]]}}},
-        },
-        "400": {"description": "Bad input: `{error_code, message}`"},
-        "413": {"description": "Body over the size limit, or too many images"},
-        "415": {"description": "Not application/json (UTF-8)"},
-        "503": {"description": "No model loaded yet"},
-    },
 }
 
 
@@ -62,7 +54,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@router.post("/invocations", summary="MLflow-compatible scoring", openapi_extra=OPENAPI)
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": Scores, "description": "Class probabilities per image, in the order dandelion, grass"},
+    400: error("Bad input"),
+    413: error("Body over the size limit, or too many images"),
+    415: error("Not application/json (UTF-8)"),
+    503: error("No model loaded yet, or the server is busy"),
+    504: error("The model did not answer in time"),
+    **DEFAULT_ERROR,
+}
+
+
+@router.post("/invocations", summary="MLflow-compatible scoring", responses=RESPONSES, openapi_extra=OPENAPI)
 async def invocations(request: Request, classifier: ClassifierDep, settings: SettingsDep) -> Response:
     started = time.perf_counter()
     check_content_type(request.headers.get("content-type"))

@@ -9,11 +9,16 @@ from fastapi.responses import PlainTextResponse
 
 from services.api.deps import RuntimeDep
 from services.api.errors import ModelNotReady, NotFound
+from services.api.schemas import DEFAULT_ERROR, ServedModel, error
 
 router = APIRouter(tags=["model"])
 
 
-@router.get("/model", summary="The model being served: name, version, alias, run, label order, input shape")
+@router.get(
+    "/model",
+    summary="The model being served: name, version, alias, run, label order, input shape",
+    responses={200: {"model": ServedModel}, 503: error("No model loaded yet"), **DEFAULT_ERROR},
+)
 async def model(runtime: RuntimeDep) -> dict[str, Any]:
     current = runtime.current
     if current is None:
@@ -24,8 +29,12 @@ async def model(runtime: RuntimeDep) -> dict[str, Any]:
 @router.get(
     "/model/card",
     summary="The served version's model card (Markdown): what it is for, its data, recipe and evidence",
-    response_class=PlainTextResponse,
-    responses={200: {"content": {"text/markdown": {}}}, 404: {"description": "This version has no card"}},
+    responses={
+        200: {"content": {"text/markdown": {"schema": {"type": "string"}}}},
+        404: error("This version has no card"),
+        503: error("No model loaded yet"),
+        **DEFAULT_ERROR,
+    },
 )
 async def card(runtime: RuntimeDep) -> PlainTextResponse:
     current = runtime.current

@@ -27,7 +27,7 @@ CONTENT_SECURITY_POLICY = "; ".join(
         "default-src 'none'",
         "script-src 'self'",
         "style-src 'self'",
-        "img-src 'self' blob:",
+        "img-src 'self' blob: data:",  # data: for the activation map's small PNG in /predict?explain=true
         "connect-src 'self'",
         "base-uri 'none'",
         "form-action 'none'",

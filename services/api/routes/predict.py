@@ -13,6 +13,7 @@ from services.api.deps import ClassifierDep, SettingsDep
 from services.api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from services.api.middleware import human_bytes
 from services.api.responses import JSONResponse
+from services.api.schemas import DEFAULT_ERROR, PREDICTION_EXAMPLES, Prediction, error
 from services.api.service import Upload
 
 router = APIRouter(tags=["predict"])
@@ -35,16 +36,6 @@ def safe_filename(name: str | None) -> str | None:
     return base or None
 
 
-EXAMPLE = {
-    "id": "0f8e1c2a9b7d4e6f8a1b2c3d4e5f6a7b",
-    "label": "dandelion",
-    "confidence": 0.9712,
-    "low_confidence": False,
-    "probabilities": {"dandelion": 0.9712, "grass": 0.0288},
-    "model": {"name": "dandelion-grass", "version": "3"},
-    "filename": "photo.jpg",
-}
-
 OPENAPI = {
     "requestBody": {
         "required": True,
@@ -64,21 +55,24 @@ OPENAPI = {
             }
         },
     },
-    "responses": {
-        "200": {
-            "description": "One result for one file; a list of results, in order, for several. `id` identifies "
-            "the prediction for `POST /feedback`.",
-            "content": {"application/json": {"example": EXAMPLE}},
-        },
-        "400": {"description": "Not an image, missing `file`, or too many files"},
-        "413": {"description": "A file or the request is over the size limit"},
-        "415": {"description": "Not multipart/form-data"},
-        "503": {"description": "No model loaded yet"},
+    "responses": {"200": {"content": {"application/json": {"examples": PREDICTION_EXAMPLES}}}},
+}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "model": Prediction | list[Prediction],
+        "description": "One answer for one file; a list of answers, in order, for several. `id` identifies the "
+        "prediction for `POST /feedback`.",
     },
+    400: error("Not an image, missing `file`, or too many files"),
+    413: error("A file or the request is over the size limit"),
+    415: error("Not an accepted image format, or the request is not multipart/form-data"),
+    503: error("No model loaded yet, or the server is busy"),
+    504: error("The photo was not decoded or answered in time"),
+    **DEFAULT_ERROR,
 }
 
 
-@router.post("/predict", summary="Classify photos as dandelion or grass", openapi_extra=OPENAPI)
+@router.post("/predict", summary="Classify photos as dandelion or grass", responses=RESPONSES, openapi_extra=OPENAPI)
 async def predict(
     request: Request,
     classifier: ClassifierDep,

@@ -1,11 +1,12 @@
-// Dandelion or grass: the upload page. Plain JavaScript, no framework; it calls POST /predict, and POST /feedback
-// when the user says whether an answer was right.
+// Dandelion or grass: the upload page. Plain JavaScript, no framework; it calls POST /predict?explain=true (the
+// answer and where the model looked), and POST /feedback when the user says what the photo really shows.
 "use strict";
 
 (() => {
   const MAX_BYTES = 10 * 1024 * 1024; // the API's default per-file limit; the server still enforces its own
   const CONCURRENCY = 4; // one request per photo, a few at a time
   const CLASS_ORDER = ["dandelion", "grass"];
+  const NEITHER = "neither"; // the third feedback answer: neither a dandelion nor grass
   const ACCEPTED = "JPEG, PNG, WebP, GIF, BMP or TIFF";
 
   const input = document.getElementById("file");
@@ -158,7 +159,11 @@
     let response;
     let body = null;
     try {
-      response = await fetch("/predict", { method: "POST", body: form, headers: { Accept: "application/json" } });
+      response = await fetch("/predict?explain=true", {
+        method: "POST",
+        body: form,
+        headers: { Accept: "application/json" },
+      });
       body = await response.json().catch(() => null);
     } catch {
       const ms = performance.now() - started;
@@ -207,6 +212,8 @@
     delete card.dataset.label;
     delete card.dataset.unsure;
     delete card.dataset.outside;
+    delete card.dataset.reason;
+    hideWhy(card);
     card.querySelector(".label").textContent = "Classifying…";
     card.querySelector(".confidence").textContent = "";
     card.querySelector(".bars").replaceChildren();
@@ -228,9 +235,15 @@
     const unsure = !outside && body.low_confidence === true;
     card.dataset.outside = String(outside);
     card.dataset.unsure = String(unsure);
+    if (outside && body.out_of_domain_reason) card.dataset.reason = body.out_of_domain_reason;
     let verdict = capitalize(body.label);
-    if (outside) verdict = "This does not look like a photo of dandelions or grass";
-    else if (unsure) verdict = `Not sure: perhaps ${body.label}`;
+    if (outside && body.out_of_domain_reason === "looks_like_refused_kind") {
+      verdict = "This looks like another flower, not a dandelion"; // a kind the model was taught to refuse
+    } else if (outside) {
+      verdict = "This does not look like a photo of dandelions or grass";
+    } else if (unsure) {
+      verdict = `Not sure: perhaps ${body.label}`;
+    }
     card.querySelector(".label").textContent = verdict;
     card.querySelector(".confidence").textContent = outside
       ? `; the model would say ${body.label}, ${percent(body.confidence)}`
@@ -250,24 +263,83 @@
     timing.className = "timing";
     timing.textContent = `${Math.round(ms)} ms`;
     meta.replaceChildren(model, " · ", timing);
-    if (typeof body.id === "string") showFeedback(card, body);
+    showWhy(card, body.explain);
+    if (typeof body.id === "string") showFeedback(card, body, outside);
   }
 
-  // "Was this right?": the answer goes to POST /feedback, which records the true label for training.
-  function showFeedback(card, body) {
+  // "Why?": the class activation map from /predict?explain=true, laid over the thumbnail on demand. The model saw
+  // the whole photo squeezed to a square; the thumbnail shows its centre (object-fit: cover), so the map is given
+  // the photo's own proportions and centred the same way, and its cells fall on the parts they describe.
+  function showWhy(card, explain) {
+    const button = card.querySelector(".why");
+    const overlay = card.querySelector(".heatmap");
+    const thumb = card.querySelector(".thumb");
+    if (!explain || typeof explain.png !== "string" || !explain.png.startsWith("data:image/png;base64,")) return;
+    overlay.src = explain.png;
+    overlay.alt = `Where the model looked for ${explain.for ?? "its answer"}: orange where the evidence was strongest`;
+    const fit = () => {
+      const wide = thumb.naturalWidth >= thumb.naturalHeight;
+      overlay.style.aspectRatio = `${thumb.naturalWidth || 1} / ${thumb.naturalHeight || 1}`;
+      overlay.style.width = wide ? "auto" : "100%";
+      overlay.style.height = wide ? "100%" : "auto";
+    };
+    if (thumb.complete) fit();
+    else thumb.addEventListener("load", fit, { once: true });
+    button.onclick = () => {
+      const on = button.getAttribute("aria-pressed") !== "true";
+      button.setAttribute("aria-pressed", String(on));
+      button.textContent = on ? "Hide why" : "Why?";
+      overlay.hidden = !on;
+    };
+    button.title = "Show where the model looked";
+    button.hidden = false;
+  }
+
+  function hideWhy(card) {
+    const button = card.querySelector(".why");
+    const overlay = card.querySelector(".heatmap");
+    button.hidden = true;
+    button.onclick = null;
+    button.setAttribute("aria-pressed", "false");
+    button.textContent = "Why?";
+    overlay.hidden = true;
+    overlay.removeAttribute("src");
+  }
+
+  // What the photo really shows goes to POST /feedback. Three answers everywhere: dandelion, grass, or neither
+  // (something else), so a photo the model flagged is never filed under a class it is not.
+  function showFeedback(card, body, outside) {
     const box = card.querySelector(".feedback");
-    const other = CLASS_ORDER.find((name) => name !== body.label) ?? "";
-    const yes = document.createElement("button");
-    yes.type = "button";
-    yes.className = "button-secondary feedback-yes";
-    yes.textContent = "Yes";
-    const no = document.createElement("button");
-    no.type = "button";
-    no.className = "button-secondary feedback-no";
-    no.textContent = `No, it is ${other}`;
-    yes.addEventListener("click", () => sendFeedback(box, body.id, body.label));
-    no.addEventListener("click", () => sendFeedback(box, body.id, other));
-    box.replaceChildren("Right? ", yes, " ", no);
+    const button = (text, label, name) => {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = `button-secondary feedback-${name}`;
+      b.textContent = text;
+      b.dataset.label = label;
+      b.addEventListener("click", () => sendFeedback(box, body.id, label));
+      return b;
+    };
+    const question = document.createElement("span");
+    question.className = "feedback-question";
+    const choices = document.createElement("span");
+    choices.className = "feedback-choices";
+    if (outside) {
+      question.textContent = "Is it dandelion, grass, or neither?";
+      choices.append(
+        ...CLASS_ORDER.map((name) => button(capitalize(name), name, name)),
+        button("Neither", NEITHER, NEITHER),
+      );
+    } else {
+      const other = CLASS_ORDER.find((name) => name !== body.label) ?? "";
+      question.textContent = "Right?";
+      choices.append(
+        button("Yes", body.label, "yes"),
+        button(`No, it is ${other}`, other, "no"),
+        button("Neither", NEITHER, NEITHER),
+      );
+    }
+    box.setAttribute("aria-label", question.textContent);
+    box.replaceChildren(question, choices);
     box.hidden = false;
   }
 
@@ -284,6 +356,7 @@
     } catch {
       status = 0;
     }
+    box.removeAttribute("aria-label");
     if (status === 200 || status === 201) {
       box.textContent = `Thanks: recorded as ${label}.`;
     } else if (status === 409) {
@@ -333,6 +406,9 @@
     delete card.dataset.label;
     delete card.dataset.unsure;
     delete card.dataset.outside;
+    delete card.dataset.reason;
+    hideWhy(card);
+    card.querySelector(".feedback").hidden = true;
     card.querySelector(".label").textContent = title;
     card.querySelector(".confidence").textContent = "";
     card.querySelector(".bars").replaceChildren();
