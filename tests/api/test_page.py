@@ -59,6 +59,7 @@ async def test_index_serves_the_page(client: httpx.AsyncClient) -> None:
     assert page.find("script", src="/static/app.js")
     assert page.find("link", rel="stylesheet", href="/static/style.css")
     assert "10&nbsp;MB" in response.text, "the size limit is stated on the page"
+    assert page.find("a", href="/model/card"), "the footer links to the served version's model card"
 
 
 async def test_security_headers_on_page_and_assets(client: httpx.AsyncClient) -> None:
