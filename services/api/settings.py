@@ -50,6 +50,10 @@ class ApiSettings(BaseSettings):
     """Largest single image file accepted by /predict."""
     max_files: int = 16
     """Most ``file`` parts in one /predict request."""
+    upload_buffer_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    """Most bytes of uploads all /predict requests in progress hold together (in memory: nothing is written to
+    disk); a request that would pass it answers 503 with ``Retry-After``. Each file is cut off at
+    ``max_upload_bytes`` and each request at ``max_body_bytes`` as they stream in."""
     max_pixels: int = 40_000_000
     """Largest image (width x height) decoded; larger ones are refused before decoding (bomb guard)."""
     max_decode_bytes: int = 128 * 1024 * 1024
