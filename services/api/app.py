@@ -35,7 +35,7 @@ from services.api.routes import docs, feedback, health, invocations, model, page
 from services.api.runtime import LoadedModel, ModelRuntime, ModelSource
 from services.api.service import Classifier
 from services.api.settings import ApiSettings
-from services.api.uploads import UploadBudget
+from services.api.uploads import BodyBudget
 from shared.db import sqlite_file
 from shared.images import ImageLimits
 
@@ -95,6 +95,7 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
             low_confidence=settings.low_confidence_threshold,
             decode_concurrency=settings.decode_concurrency,
             decode_timeout_s=settings.decode_timeout_s,
+            parse_concurrency=settings.parse_concurrency,
         )
         batcher.start()
         tasks = [asyncio.create_task(runtime.run(), name="model-runtime")]
@@ -136,7 +137,7 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
     app.state.shutting_down = False
     app.state.predlog = None
     app.state.drift = drift
-    app.state.upload_budget = UploadBudget(settings.upload_buffer_bytes)
+    app.state.body_budget = BodyBudget(settings.body_buffer_bytes)
 
     for router in (predict.router, invocations.router, feedback.router, model.router, health.router, page.router):
         app.include_router(router)

@@ -50,10 +50,11 @@ class ApiSettings(BaseSettings):
     """Largest single image file accepted by /predict."""
     max_files: int = 16
     """Most ``file`` parts in one /predict request."""
-    upload_buffer_bytes: int = Field(256 * 1024 * 1024, ge=1)
-    """Most bytes of uploads all /predict requests in progress hold together (in memory: nothing is written to
-    disk); a request that would pass it answers 503 with ``Retry-After``. Each file is cut off at
-    ``max_upload_bytes`` and each request at ``max_body_bytes`` as they stream in."""
+    body_buffer_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    """Most bytes of request bodies (``/predict`` files, ``/invocations`` JSON) all requests in progress hold
+    together, in memory (nothing is written to disk); a request that would pass it answers 503 with
+    ``Retry-After`` as its bytes arrive. Each file is also cut off at ``max_upload_bytes`` and each body at
+    ``max_body_bytes``."""
     max_pixels: int = 40_000_000
     """Largest image (width x height) decoded; larger ones are refused before decoding (bomb guard)."""
     max_decode_bytes: int = 128 * 1024 * 1024
@@ -69,6 +70,10 @@ class ApiSettings(BaseSettings):
     """Largest request body of any kind (a 224 x 224 x 3 JSON image is about 1-3 MB)."""
     max_instances: int = 64
     """Most images in one /invocations request."""
+    parse_concurrency: int = Field(1, ge=1)
+    """``/invocations`` bodies over 4 MiB (a few images) parsed at once, across requests; the others wait their
+    turn. Each such parse holds up to ~6x its body (simdjson's document, the numbers as float64 and float32);
+    one image's body (~1.7 MB) is never held back."""
     request_timeout_s: float = 30.0
     """A request still waiting for the model after this answers 503 instead of hanging."""
 

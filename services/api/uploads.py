@@ -4,7 +4,7 @@ Starlette's form parser spooled every part to a temporary file in full before th
 size: 16 clients sending 60 MiB each put 962 MiB in ``/tmp`` (a 1 GiB volume in the pod) before each got its
 413. Here the photo bytes go to memory only (the decoder reads them from memory anyway, so a disk spool was
 one more copy), and three limits stop a part mid-stream: one file's size, one request's, and the bytes all
-requests in progress hold together (:class:`UploadBudget`), so the worst case is a number the settings state.
+requests in progress hold together (:class:`BodyBudget`), so the worst case is a number the settings state.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def safe_filename(name: str | None) -> str | None:
     return base or None
 
 
-class UploadBudget:
-    """The upload bytes all requests in progress may hold at once; beyond it a request answers 503 at once
-    (with ``Retry-After``) instead of growing the process."""
+class BodyBudget:
+    """The bytes of request bodies (uploads, ``/invocations`` JSON) all requests in progress may hold at once;
+    beyond it a request answers 503 at once (with ``Retry-After``) instead of growing the process."""
 
     def __init__(self, total: int) -> None:
         self.total = total
@@ -56,7 +56,7 @@ class UploadBudget:
     def take(self, n: int) -> None:
         if self.held + n > self.total:
             error = Overloaded(
-                f"the server holds {human_bytes(self.total)} of uploads in progress, its limit; try again shortly"
+                f"the server holds {human_bytes(self.total)} of request bodies in progress, its limit; retry shortly"
             )
             error.headers = {"Retry-After": "1"}
             raise error
@@ -82,7 +82,7 @@ class _Form:
     max_files: int
     max_file_bytes: int
     max_request_bytes: int
-    budget: UploadBudget
+    budget: BodyBudget
     parts: list[_Part] = field(default_factory=list)
     held: int = 0
     header_name: bytes = b""
@@ -152,7 +152,7 @@ async def read_uploads(
     max_files: int,
     max_file_bytes: int,
     max_request_bytes: int,
-    budget: UploadBudget,
+    budget: BodyBudget,
 ) -> AsyncIterator[list[Upload]]:
     """The request's ``file`` parts as :class:`Upload` s; their bytes count against ``budget`` until the block
     ends. Raises the API's errors (400, 413, 503) as soon as a chunk breaks a rule."""

@@ -150,14 +150,98 @@ def test_big_uploads_are_refused_while_streaming_and_never_reach_the_temp_folder
     assert httpx.get(f"{fake_api.url}/health/ready").status_code == 200
 
 
-def test_the_upload_budget_answers_503_beyond_it(tmp_path) -> None:
+def test_the_body_budget_answers_503_beyond_it(tmp_path) -> None:
     """With a 4 MiB budget for all uploads in progress, a request whose files would pass it is refused with
     503 and Retry-After as its bytes arrive (the files themselves are within their own limit)."""
-    for api in start_fake_api(tmp_path, "api-upload-budget.log", API_UPLOAD_BUFFER_BYTES=str(4 * MIB)):
+    for api in start_fake_api(tmp_path, "api-upload-budget.log", API_BODY_BUFFER_BYTES=str(4 * MIB)):
         files = [("file", (f"{i}.jpg", b"\xff\xd8" + b"\0" * (3 * MIB))) for i in range(2)]
         answer = httpx.post(f"{api.url}/predict", files=files, timeout=30)
         assert answer.status_code == 503, answer.text
         assert answer.headers["retry-after"] == "1"
-        assert "4 MiB" in answer.json()["message"]
+        assert "4 MiB of request bodies" in answer.json()["message"]
         small = httpx.post(f"{api.url}/predict", files=files[:1], timeout=30)
         assert small.status_code == 400, small.text  # within the budget: read, then refused as no image
+
+
+# ---------------------------------------------------------------- MEDIUM 2: /invocations off the fast path
+
+
+def reset_peak(pid: int) -> float:
+    """Start VmHWM afresh (``clear_refs`` 5) and return the RSS it starts from, MiB."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return status_mib(pid, "VmRSS")
+
+
+def json_images(n: int, value: bytes) -> bytes:
+    pixel = b"[" + b",".join([value] * 3) + b"]"
+    row = b"[" + b",".join([pixel] * 224) + b"]"
+    image = b"[" + b",".join([row] * 224) + b"]"
+    return b'{"inputs":[' + b",".join([image] * n) + b"]}"
+
+
+def invoke(api: Api, body: bytes) -> httpx.Response:
+    return httpx.post(f"{api.url}/invocations", content=body, headers={"content-type": "application/json"}, timeout=120)
+
+
+def test_57_mib_of_strings_is_refused_without_growing_the_process(fake_api: Api) -> None:
+    """Four clients at once send 57 MiB of ``"0.5"`` strings shaped as 62 images: each gets 400 saying the
+    values must be numbers, and the process grows by a fraction of what orjson built (465 -> 2,607 MiB)."""
+    body = json_images(62, b'"0.5"')
+    assert 56 * MIB < len(body) < 64 * MIB
+    start = reset_peak(fake_api.pid)
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: invoke(fake_api, body), range(4)))
+    assert [a.status_code for a in answers] == [400] * 4, answers[0].text
+    assert "numbers only" in answers[0].json()["message"]
+    grown = status_mib(fake_api.pid, "VmHWM") - start
+    print(f"four 57 MiB bodies at once: +{grown:.0f} MiB")
+    assert grown < 900, f"four 57 MiB bodies grew the process by {grown:.0f} MiB"
+
+
+def test_65_images_are_refused_by_count_before_any_value_is_built(fake_api: Api) -> None:
+    """65 valid images (45 MiB) answer 413 from the count alone: the process grows by about the body's copies
+    and simdjson's document, not by the +890 MiB of 9.8 million Python floats."""
+    body = json_images(65, b"0.5")
+    start = reset_peak(fake_api.pid)
+    answer = invoke(fake_api, body)
+    assert answer.status_code == 413, answer.text
+    assert "at most 64 images per request; received 65" in answer.json()["message"]
+    grown = status_mib(fake_api.pid, "VmHWM") - start
+    print(f"65 images: +{grown:.0f} MiB")
+    assert grown < 3 * len(body) / MIB, f"a {len(body) / MIB:.0f} MiB body grew the process by {grown:.0f} MiB"
+
+
+def test_a_five_million_key_record_is_refused_by_its_width(fake_api: Api) -> None:
+    """One ``dataframe_records`` record with 5M keys: 400 (a row is one image, 150,528 values) from the record's
+    key count on simdjson's document (~6x the body), before any key becomes a Python string (8 s and +718 MiB)."""
+    body = b'{"dataframe_records":[{' + b",".join(b'"k%d":0' % i for i in range(5_000_000)) + b"}]}"
+    start = reset_peak(fake_api.pid)
+    answer = invoke(fake_api, body)
+    assert answer.status_code == 400, answer.text
+    assert "(1, 5000000)" in answer.json()["message"]
+    grown = status_mib(fake_api.pid, "VmHWM") - start
+    print(f"5M-key record: +{grown:.0f} MiB")
+    assert grown < 500, f"a {len(body) / MIB:.0f} MiB body grew the process by {grown:.0f} MiB (simdjson's document)"
+
+
+def test_every_mlflow_format_still_answers(fake_api: Api) -> None:
+    """The seed clients' ``{"inputs": [224x224x3 floats]}`` (fast path) and MLflow's other formats, large
+    enough to take the screened path, give the same predictions."""
+    import numpy as np
+    import orjson
+
+    image = np.random.default_rng(5).random((224, 224, 3))
+    flat = image.reshape(-1).tolist()
+    columns = [f"c{i}" for i in range(flat.__len__())]
+    bodies = {
+        "inputs": {"inputs": [image.tolist()]},
+        "instances": {"instances": [image.tolist()]},
+        "params first": {"params": {"a": 1}, "inputs": [image.tolist()]},
+        "dataframe_split": {"dataframe_split": {"columns": columns, "data": [flat]}},
+        "dataframe_records": {"dataframe_records": [dict(zip(columns, flat, strict=True))]},
+    }
+    answers = {name: invoke(fake_api, orjson.dumps(body)) for name, body in bodies.items()}
+    assert {name: a.status_code for name, a in answers.items()} == dict.fromkeys(bodies, 200)
+    predictions = {name: a.json()["predictions"] for name, a in answers.items()}
+    for name, got in predictions.items():
+        np.testing.assert_allclose(got, predictions["inputs"], atol=1e-6, err_msg=name)

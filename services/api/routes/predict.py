@@ -75,7 +75,7 @@ async def predict(
         max_files=settings.max_files,
         max_file_bytes=settings.max_upload_bytes,
         max_request_bytes=settings.max_body_bytes,
-        budget=request.app.state.upload_budget,
+        budget=request.app.state.body_budget,
     ) as uploads:
         answers = await classifier.classify(uploads, started, explain=explain)
     body: Any = answers[0] if len(answers) == 1 else answers
