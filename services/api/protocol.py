@@ -138,7 +138,7 @@ def screen(body: bytes, max_instances: int) -> np.ndarray | None:
             raise BadRequest(f"'{key}' must be a list of images; this model has one unnamed input")
         if not isinstance(value, simdjson.Array):
             raise BadRequest(f"'{key}' must be a list of images")
-        numbers = _screened_numbers(value, f"'{key}'", max_instances)
+        numbers = _screened_numbers(value, f"'{key}'", max_instances, IMAGE_SHAPE, _images_expected)
         if not _matches_skeleton(value.mini, _image_skeleton(), len(value)):
             raise _shape_error(value, f"'{key}'", numbers.size, _images_expected)
         return _float32(numbers, f"'{key}'").reshape(-1, *IMAGE_SHAPE)
@@ -149,7 +149,7 @@ def screen(body: bytes, max_instances: int) -> np.ndarray | None:
         what = "'dataframe_split.data'"
         if not isinstance(data, simdjson.Array):
             raise BadRequest(f"{what} must be a non-empty array of numbers")
-        numbers = _screened_numbers(data, what, max_instances)
+        numbers = _screened_numbers(data, what, max_instances, (IMAGE_VALUES,), _rows_expected)
         if not _matches_skeleton(data.mini, _row_skeleton(), len(data)):
             raise _shape_error(data, what, numbers.size, _rows_expected)
         columns = value.get("columns")
@@ -169,15 +169,18 @@ def screen(body: bytes, max_instances: int) -> np.ndarray | None:
     return None
 
 
-def _screened_numbers(value: simdjson.Array, what: str, max_instances: int) -> np.ndarray:
-    """Every number under ``value``, flattened in C, after its count of entries is checked against the limit."""
+def _screened_numbers(
+    value: simdjson.Array, what: str, max_instances: int, entry: tuple[int, ...], expected
+) -> np.ndarray:
+    """Every number under ``value``, flattened in C, after its count of entries is checked against the limit
+    (413 when its first entry has the ``entry`` shape of one image, else 400 with the shape it has)."""
     n = len(value)
     if n == 0:
         raise BadRequest(f"{what} must be a non-empty array of numbers")
     if n > max_instances:
-        if isinstance(value[0], simdjson.Array):
+        if _shape_of(value[0]) == entry:
             raise _too_many(n, max_instances)
-        raise BadRequest(f"{what} has shape ({n},); expected a list of {MODEL_SIZE}x{MODEL_SIZE} RGB images")
+        raise expected(what, (n, *_shape_of(value[0])))
     try:
         return np.frombuffer(value.as_buffer(of_type="d"), dtype=np.float64)
     except (ValueError, RuntimeError, TypeError):
