@@ -25,6 +25,9 @@ from services.api.middleware import (
     ConcurrencyLimitMiddleware,
     HeaderLimitMiddleware,
     HeadMiddleware,
+    MeterMethodAsOther,
+    RequestFramingMiddleware,
+    RestoreMethod,
     error_response,
 )
 from services.api.predlog import PredictionLog
@@ -158,13 +161,16 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
     if settings.allowed_hosts != ["*"]:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts, www_redirect=False)
     app.add_middleware(HeaderLimitMiddleware, max_count=settings.max_header_count, max_bytes=settings.max_header_bytes)
+    app.add_middleware(RequestFramingMiddleware)
     app.add_middleware(HeadMiddleware)
     app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.limit_concurrency, exempt=PROBES)
+    app.add_middleware(RestoreMethod)
     # Only routes are metered, by their template: a random path must not become a new series.
     instrumentator = Instrumentator(
         excluded_handlers=sorted(PROBES), registry=metrics.registry, should_ignore_untemplated=True
     )
     instrumentator.instrument(app, latency_lowr_buckets=HTTP_LATENCY_BUCKETS).expose(app, include_in_schema=False)
+    app.add_middleware(MeterMethodAsOther)  # outside the metrics: an invented method name adds no series
     return app
 
 
@@ -214,7 +220,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
         code = HTTP_CODES.get(exc.status_code, f"HTTP_{exc.status_code}")
-        return error_response(exc.status_code, code, message[:300], headers=exc.headers)  # e.g. 405's Allow
+        headers = dict(exc.headers or {})
+        allow = [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
+        if "GET" in allow and "HEAD" not in allow:  # HeadMiddleware answers HEAD wherever GET is answered
+            headers["Allow"] = ", ".join([*allow, "HEAD"])
+        return error_response(exc.status_code, code, message[:300], headers=headers or None)  # e.g. 405's Allow
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:

@@ -56,6 +56,8 @@ def parse_body(body: bytes, max_instances: int) -> np.ndarray:
     """
     if not body:
         raise BadRequest("the request body is empty")
+    if body.startswith(GZIP_MAGIC):
+        raise UnsupportedMediaType("the body is gzip-compressed; send it as plain JSON")
     if len(body) > FAST_PATH_MIN_BYTES:
         if (n := _leading_images(body.translate(None, NUMBER_CHARACTERS), max_instances)) > max_instances:
             raise _too_many(n, max_instances)
@@ -92,6 +94,7 @@ def parse_body(body: bytes, max_instances: int) -> np.ndarray:
 
 FAST_PATH_MIN_BYTES = 65536
 """Bodies above this are parsed by simdjson first (fast path, then :func:`screen`); smaller ones by orjson."""
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _holds_a_boolean(value: Any) -> bool:

@@ -1,15 +1,30 @@
-"""A JSON response rendered by orjson (FastAPI's own JSONResponse is deprecated)."""
+"""A JSON response rendered by orjson (FastAPI's own JSONResponse is deprecated), never sniffed as anything else."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
+from starlette.background import BackgroundTask
 from starlette.responses import Response
+
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}
+"""A browser must not read an answer (errors quote what the client sent, briefly) as HTML or script."""
 
 
 class JSONResponse(Response):
     media_type = "application/json"
+
+    def __init__(
+        self,
+        content: Any,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        media_type: str | None = None,
+        background: BackgroundTask | None = None,
+    ) -> None:
+        super().__init__(content, status_code, {**NOSNIFF, **(headers or {})}, media_type, background)
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
