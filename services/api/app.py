@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect
 from services.api.batching import Batcher
 from services.api.drift import DriftMonitor
 from services.api.errors import ApiError
+from services.api.memory import IdleTrimmer
 from services.api.metrics import HTTP_LATENCY_BUCKETS, ApiMetrics
 from services.api.middleware import (
     BodyLimitMiddleware,
@@ -99,9 +100,11 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
             decode_concurrency=settings.decode_concurrency,
             decode_timeout_s=settings.decode_timeout_s,
             parse_concurrency=settings.parse_concurrency,
+            trimmer=app.state.trimmer,
         )
         batcher.start()
         tasks = [asyncio.create_task(runtime.run(), name="model-runtime")]
+        trimming = asyncio.create_task(app.state.trimmer.run(), name="malloc-trim")
         if predlog is not None:
             tasks.append(asyncio.create_task(predlog.run(), name="prediction-log"))
             tasks[-1].add_done_callback(_report_stopped)
@@ -115,7 +118,7 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
             if predlog is not None:  # the log writes what it holds; cancelled (and flushed once more) if it hangs
                 predlog.stop()
                 await asyncio.wait(tasks[1:], timeout=PREDICTION_LOG_STOP_S)
-            for task in tasks:
+            for task in [*tasks, trimming]:
                 task.cancel()
                 with contextlib.suppress(Exception, asyncio.CancelledError):  # a crash was reported when it happened
                     await task
@@ -140,7 +143,8 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
     app.state.shutting_down = False
     app.state.predlog = None
     app.state.drift = drift
-    app.state.body_budget = BodyBudget(settings.body_buffer_bytes)
+    app.state.trimmer = IdleTrimmer()
+    app.state.body_budget = BodyBudget(settings.body_buffer_bytes, on_release=app.state.trimmer.note)
 
     for router in (predict.router, invocations.router, feedback.router, model.router, health.router, page.router):
         app.include_router(router)

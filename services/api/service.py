@@ -21,6 +21,7 @@ import numpy as np
 from services.api.batching import Batcher
 from services.api.drift import DriftMonitor
 from services.api.errors import BadRequest, InvalidImage, PayloadTooLarge, Timeout, UnsupportedMediaType
+from services.api.memory import IdleTrimmer
 from services.api.metrics import ApiMetrics
 from services.api.predlog import PredictionLog, Record
 from services.api.protocol import FAST_PATH_MIN_BYTES, parse_body, predictions_body
@@ -140,6 +141,7 @@ class Classifier:
         decode_concurrency: int = 2,
         decode_timeout_s: float = 10.0,
         parse_concurrency: int = 1,
+        trimmer: IdleTrimmer | None = None,
     ) -> None:
         self.low_confidence = low_confidence
         """Answers below this confidence say so (``low_confidence``); the page shows them as "not sure"."""
@@ -155,6 +157,8 @@ class Classifier:
         """Decodes under way, across requests: each may hold up to ``limits.max_decode_bytes``."""
         self.decode_timeout_s = decode_timeout_s
         self._parse_turns = asyncio.Semaphore(parse_concurrency)
+        self.trimmer = trimmer
+        """Told after each decode: a decode may hold up to ``limits.max_decode_bytes`` and free it all at once."""
         """``/invocations`` bodies over ``PARSE_TURN_MIN_BYTES`` parsed at once, across requests: each parse holds
         up to ~6x its body."""
 
@@ -205,6 +209,8 @@ class Classifier:
 
     def _decoded(self, work: asyncio.Future) -> None:
         self._decode_turns.release()
+        if self.trimmer is not None:
+            self.trimmer.note(self.trimmer.threshold_bytes)
         if not work.cancelled():
             work.exception()  # retrieved: a refusal nobody waited for any more is not an "unhandled" error
 

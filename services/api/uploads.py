@@ -10,7 +10,7 @@ requests in progress hold together (:class:`BodyBudget`), so the worst case is a
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -48,10 +48,12 @@ class BodyBudget:
     """The bytes of request bodies (uploads, ``/invocations`` JSON) all requests in progress may hold at once;
     beyond it a request answers 503 at once (with ``Retry-After``) instead of growing the process."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, on_release: Callable[[int], None] | None = None) -> None:
         self.total = total
         self.held = 0
         self.peak = 0
+        self.on_release = on_release
+        """Told how many bytes a request gave back (the app trims the heap after big ones)."""
 
     def take(self, n: int) -> None:
         if self.held + n > self.total:
@@ -65,6 +67,8 @@ class BodyBudget:
 
     def give(self, n: int) -> None:
         self.held -= n
+        if self.on_release is not None:
+            self.on_release(n)
 
 
 @dataclass
