@@ -99,6 +99,12 @@ class ApiMetrics:
         self.live_accuracy_samples = Gauge(
             "model_live_accuracy_samples", "Predictions of the served version that have feedback.", registry=r
         )
+        self.live_accuracy_clients = Gauge(
+            "model_live_accuracy_clients",
+            "Distinct clients (addresses) that sent the feedback behind model_live_accuracy; +Inf once any label "
+            "came with the feedback token (trusted). LiveAccuracyLow needs 3, so one client cannot fire it.",
+            registry=r,
+        )
         self.live_accuracy.set(float("nan"))  # unknown until computed, not 0
 
         for reason in ("queue_full", "rejected", "shutdown"):

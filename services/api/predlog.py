@@ -35,6 +35,9 @@ from shared.settings import DatabaseSettings, ObjectStoreSettings
 from shared.storage import ObjectStore, open_store
 from shared.tables import FeedbackRow, PredictionRow
 
+TRUSTED_SENDER = "token"
+"""``FeedbackRow.client`` of a label sent with the feedback token: trusted, however many come from one place."""
+
 log = logging.getLogger(__name__)
 
 TRANSIENT = (OperationalError, InterfaceError, DisconnectionError, OSError, TimeoutError)
@@ -343,14 +346,20 @@ class PredictionLog:
     async def _refresh_accuracy(self) -> None:
         name, version = self.serving
         query = (
-            select(func.count(), func.sum((PredictionRow.label == FeedbackRow.label).cast(Integer)))
+            select(
+                func.count(),
+                func.sum((PredictionRow.label == FeedbackRow.label).cast(Integer)),
+                func.count(FeedbackRow.client.distinct()),
+                func.sum((FeedbackRow.client == TRUSTED_SENDER).cast(Integer)),
+            )
             .select_from(FeedbackRow)
             .join(PredictionRow, PredictionRow.id == FeedbackRow.prediction_id)
             .where(PredictionRow.model_name == name, PredictionRow.model_version == version)
         )
         async with self.sessions() as session:
-            total, correct = (await session.execute(query)).one()
+            total, correct, clients, trusted = (await session.execute(query)).one()
         self.metrics.live_accuracy_samples.set(total or 0)
+        self.metrics.live_accuracy_clients.set(float("inf") if trusted else (clients or 0))
         self.metrics.live_accuracy.set(float(correct or 0) / total if total else float("nan"))
 
     def _set_healthy(self, healthy: bool) -> None:

@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import orjson
 import pytest
+from asgi_lifespan import LifespanManager
 
 from services.api import protocol
 from services.api.errors import BadRequest
@@ -98,3 +99,75 @@ async def test_json_errors_are_never_sniffed(client: httpx.AsyncClient) -> None:
     ]
     assert [a.status_code for a in answers] == [400, 404, 400, 405, 200]
     assert all(a.headers.get("x-content-type-options") == "nosniff" for a in answers), [a.headers for a in answers]
+
+
+async def test_live_accuracy_counts_distinct_clients_so_one_cannot_fire_the_alert(api_settings) -> None:
+    """Open feedback: one address labelling every prediction wrong moved live accuracy to 0.0 alone, and the
+    alert needed only 50 samples. Now the gauge beside it says how many clients sent the labels (the alert
+    needs 3), and feedback sent with the token counts as trusted (+Inf)."""
+    from services.api.app import create_app
+    from tests.api.fakes import FakeSource
+    from tests.api.test_prediction_log import DANDELION, metric, until, wait_ready
+
+    settings = api_settings.model_copy(update={"prediction_log_flush_interval_s": 0.05})
+    app = create_app(settings, source=FakeSource())
+    async with LifespanManager(app) as manager:
+        app.state.predlog.accuracy_refresh_s = 0.05
+
+        def client_at(address: str) -> httpx.AsyncClient:
+            transport = httpx.ASGITransport(app=manager.app, client=(address, 4000))
+            return httpx.AsyncClient(transport=transport, base_url="http://api")
+
+        async def label(address: str, n: int) -> None:
+            async with client_at(address) as c:
+                await wait_ready(c)
+                for _ in range(n):
+                    pid = (await c.post("/predict", files={"file": ("d.png", DANDELION)})).json()["id"]
+                    assert (await c.post("/feedback", json={"prediction_id": pid, "label": "grass"})).status_code == 201
+
+        async def gauges(samples: int) -> tuple[float | None, float | None]:
+            async with client_at("127.0.0.1") as c:
+                text = (await c.get("/metrics")).text
+            return metric(text, "model_live_accuracy_samples"), metric(text, "model_live_accuracy_clients")
+
+        await label("203.0.113.7", 4)
+        await until(lambda: _samples_are(gauges, 4))
+        assert (await gauges(4))[1] == 1
+        await label("203.0.113.8", 1)
+        await label("203.0.113.9", 1)
+        await until(lambda: _samples_are(gauges, 6))
+        assert (await gauges(6))[1] == 3
+
+
+async def _samples_are(gauges, n: int) -> bool:
+    return (await gauges(n))[0] == n
+
+
+async def test_token_feedback_counts_as_trusted(api_settings) -> None:
+    from pydantic import SecretStr
+
+    from services.api.app import create_app
+    from tests.api.fakes import FakeSource
+    from tests.api.test_prediction_log import DANDELION, metric, until, wait_ready
+
+    token = "a-long-enough-test-token"
+    settings = api_settings.model_copy(
+        update={"prediction_log_flush_interval_s": 0.05, "feedback_token": SecretStr(token)}
+    )
+    app = create_app(settings, source=FakeSource())
+    async with LifespanManager(app) as manager:
+        app.state.predlog.accuracy_refresh_s = 0.05
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
+            await wait_ready(c)
+            pid = (await c.post("/predict", files={"file": ("d.png", DANDELION)})).json()["id"]
+            sent = await c.post(
+                "/feedback", json={"prediction_id": pid, "label": "grass"}, headers={"authorization": f"Bearer {token}"}
+            )
+            assert sent.status_code == 201
+
+            async def refreshed() -> bool:
+                return metric((await c.get("/metrics")).text, "model_live_accuracy_samples") == 1
+
+            await until(refreshed)
+            assert metric((await c.get("/metrics")).text, "model_live_accuracy_clients") == float("inf")
