@@ -19,6 +19,7 @@ from starlette.requests import ClientDisconnect
 from services.api.batching import Batcher
 from services.api.drift import DriftMonitor
 from services.api.errors import ApiError
+from services.api.keep import UploadQuota
 from services.api.memory import IdleTrimmer
 from services.api.metrics import HTTP_LATENCY_BUCKETS, ApiMetrics
 from services.api.middleware import (
@@ -101,6 +102,7 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
             decode_timeout_s=settings.decode_timeout_s,
             parse_concurrency=settings.parse_concurrency,
             trimmer=app.state.trimmer,
+            keep=UploadQuota(settings.store_uploads_client_bytes_per_hour, settings.store_uploads_bytes_per_hour),
         )
         batcher.start()
         tasks = [asyncio.create_task(runtime.run(), name="model-runtime")]

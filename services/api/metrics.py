@@ -77,7 +77,8 @@ class ApiMetrics:
         )
         self.uploads_dropped = Counter(
             "prediction_log_uploads_dropped",
-            "Uploaded files not stored (API_STORE_UPLOADS on): over the queue's byte budget, or the store failed.",
+            "Uploaded files not stored (API_STORE_UPLOADS on): over the queue's byte budget, the store failed, or "
+            "over the client's or the replica's hourly quota.",
             ["reason"],
             registry=r,
         )
@@ -109,7 +110,7 @@ class ApiMetrics:
 
         for reason in ("queue_full", "rejected", "shutdown"):
             self.log_dropped.labels(reason=reason)  # exported as 0 from the start, not only after a first drop
-        for reason in ("queue_full", "store_error"):
+        for reason in ("queue_full", "store_error", "quota"):
             self.uploads_dropped.labels(reason=reason)
 
     def served(

@@ -21,6 +21,7 @@ import numpy as np
 from services.api.batching import Batcher
 from services.api.drift import DriftMonitor
 from services.api.errors import BadRequest, InvalidImage, PayloadTooLarge, Timeout, UnsupportedMediaType
+from services.api.keep import UploadQuota
 from services.api.memory import IdleTrimmer
 from services.api.metrics import ApiMetrics
 from services.api.predlog import PredictionLog, Record
@@ -142,6 +143,7 @@ class Classifier:
         decode_timeout_s: float = 10.0,
         parse_concurrency: int = 1,
         trimmer: IdleTrimmer | None = None,
+        keep: UploadQuota | None = None,
     ) -> None:
         self.low_confidence = low_confidence
         """Answers below this confidence say so (``low_confidence``); the page shows them as "not sure"."""
@@ -158,6 +160,8 @@ class Classifier:
         self.decode_timeout_s = decode_timeout_s
         self._parse_turns = asyncio.Semaphore(parse_concurrency)
         self.trimmer = trimmer
+        self.keep = keep
+        """Which uploads are kept when the prediction log stores them (per client and in all, per hour)."""
         """Told after each decode: a decode may hold up to ``limits.max_decode_bytes`` and free it all at once."""
         """``/invocations`` bodies over ``PARSE_TURN_MIN_BYTES`` parsed at once, across requests: each parse holds
         up to ~6x its body."""
@@ -215,7 +219,12 @@ class Classifier:
             work.exception()  # retrieved: a refusal nobody waited for any more is not an "unhandled" error
 
     async def classify(
-        self, uploads: list[Upload], started: float | None = None, *, explain: bool = False
+        self,
+        uploads: list[Upload],
+        started: float | None = None,
+        *,
+        explain: bool = False,
+        client: str = "unknown",
     ) -> list[dict[str, Any]]:
         """One answer per upload, in order (with ``explain``, where the model looked). Any unusable file fails
         the request with its reason."""
@@ -232,6 +241,9 @@ class Classifier:
             self.metrics.served([label], [confidence], model.version, None if in_domain is None else [in_domain])
             prediction_id = uuid.uuid4().hex
             stored = upload.data if self.predlog is not None and self.predlog.stores_uploads else None
+            if stored is not None and self.keep is not None and not self.keep.allow(client, len(stored)):
+                stored = None
+                self.metrics.uploads_dropped.labels(reason="quota").inc()
             observations.append(
                 _Observation(prediction_id, "predict", model, label, confidence, latency_ms, image.describe,
                              stored, image.format, distance, in_domain)

@@ -106,6 +106,11 @@ class ApiSettings(BaseSettings):
     store_uploads: bool = False
     """Also keep each uploaded photo in the object store (``uploads/...``), so that photos with feedback can be
     trained on. Off by default: uploads may be personal data; turn it on only where that is allowed."""
+    store_uploads_client_bytes_per_hour: int = Field(32 * 1024 * 1024, ge=0)
+    """With ``store_uploads``: most bytes of one client's uploads kept an hour (by address); beyond it, its
+    predictions are logged without their photos."""
+    store_uploads_bytes_per_hour: int = Field(1024 * 1024 * 1024, ge=0)
+    """With ``store_uploads``: most bytes of uploads this replica keeps an hour, all clients together."""
     prediction_log_max_queue: int = 10_000
     """Most predictions waiting to be written; beyond it (overload, long outage) they are dropped and counted."""
     prediction_log_batch_size: int = 500

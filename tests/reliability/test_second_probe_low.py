@@ -171,3 +171,47 @@ async def test_token_feedback_counts_as_trusted(api_settings) -> None:
 
             await until(refreshed)
             assert metric((await c.get("/metrics")).text, "model_live_accuracy_clients") == float("inf")
+
+
+async def test_kept_uploads_have_a_per_client_quota_and_a_total_cap(tmp_path) -> None:
+    """With API_STORE_UPLOADS one client stored 181 MiB in 7 s. Now a client's uploads are kept up to its hourly
+    share, the replica's up to its total; past them the prediction is logged without its photo, and counted."""
+    from services.api.app import create_app
+    from services.api.settings import ApiSettings
+    from shared.settings import DatabaseSettings, ObjectStoreSettings
+    from tests.api.fakes import FakeSource
+    from tests.api.test_prediction_log import GRASS, metric, rows, until, wait_ready
+
+    settings = ApiSettings(
+        database=DatabaseSettings(url=f"sqlite+aiosqlite:///{tmp_path}/api.db"),
+        store=ObjectStoreSettings(url=str(tmp_path / "objects")),
+        prediction_log=True,
+        store_uploads=True,
+        prediction_log_flush_interval_s=0.05,
+        store_uploads_client_bytes_per_hour=2 * len(GRASS),
+        store_uploads_bytes_per_hour=3 * len(GRASS),
+    )
+    app = create_app(settings, source=FakeSource())
+    async with LifespanManager(app) as manager:
+
+        async def send(address: str, n: int) -> None:
+            transport = httpx.ASGITransport(app=manager.app, client=(address, 4000))
+            async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
+                await wait_ready(c)
+                for _ in range(n):
+                    assert (await c.post("/predict", files={"file": ("g.jpg", GRASS)})).status_code == 200
+
+        await send("203.0.113.7", 3)  # its share is two photos
+        await send("203.0.113.8", 2)  # the total is three: one more, then none
+
+        async def logged() -> bool:
+            return len(await rows(settings)) == 5
+
+        await until(logged)
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
+            text = (await c.get("/metrics")).text
+    kept = [row.image_key for row in await rows(settings) if row.image_key]
+    assert len(kept) == 3, kept
+    assert len(list((tmp_path / "objects").rglob("*.jpg"))) == 3
+    assert metric(text, "prediction_log_uploads_dropped_total", reason="quota") == 2

@@ -77,7 +77,8 @@ async def predict(
         max_request_bytes=settings.max_body_bytes,
         budget=request.app.state.body_budget,
     ) as uploads:
-        answers = await classifier.classify(uploads, started, explain=explain)
+        client = request.client.host if request.client else "unknown"
+        answers = await classifier.classify(uploads, started, explain=explain, client=client)
     body: Any = answers[0] if len(answers) == 1 else answers
     last = answers[-1]["model"]
     return JSONResponse(body, headers={"X-Model-Name": last["name"], "X-Model-Version": last["version"]})
