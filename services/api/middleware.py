@@ -57,8 +57,12 @@ class BodyLimitMiddleware:
         refusal: JSONResponse | None = None
         deadline = asyncio.get_running_loop().time() + self.read_timeout_s
 
+        body_done = False
+
         async def limited_receive() -> Message:
-            nonlocal received, refusal
+            nonlocal received, refusal, body_done
+            if body_done:  # the body is in: what follows (a hang-up) has no deadline
+                return await receive()
             left = deadline - asyncio.get_running_loop().time()
             try:
                 message = await asyncio.wait_for(receive(), max(left, 0.001))
@@ -71,6 +75,7 @@ class BodyLimitMiddleware:
                 if received > limit:
                     refusal = _too_large(limit)
                     raise PayloadTooLarge(f"the request body is over the limit of {human_bytes(limit)}")
+                body_done = not message.get("more_body", False)
             return message
 
         started = False

@@ -215,3 +215,75 @@ async def test_kept_uploads_have_a_per_client_quota_and_a_total_cap(tmp_path) ->
     assert len(kept) == 3, kept
     assert len(list((tmp_path / "objects").rglob("*.jpg"))) == 3
     assert metric(text, "prediction_log_uploads_dropped_total", reason="quota") == 2
+
+
+class Gate:
+    """Stands in for the fake model's lock: says when a forward pass has begun, holds it until opened."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def __enter__(self) -> None:
+        self.entered.set()
+        self.opened.wait(30)
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+async def test_queued_work_of_a_client_that_hung_up_is_dropped(api_settings) -> None:
+    """A request waiting for the model whose client hangs up is cancelled: it never reaches a forward pass, is
+    not counted as served, and is metered as 499. Before, it was classified and counted 2xx for nobody."""
+    import asyncio
+
+    from services.api.app import create_app
+    from tests.api.conftest import eventually
+    from tests.api.fakes import FakeSource
+    from tests.api.test_prediction_log import metric, wait_ready
+
+    source = FakeSource()
+    app = create_app(api_settings.model_copy(update={"max_batch_size": 1}), source=source)
+    async with LifespanManager(app) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
+            await wait_ready(c)
+            gate = source.lock = Gate()
+            try:
+                first = asyncio.create_task(c.post("/predict", files={"file": ("a.png", YELLOW)}))
+                await eventually(gate.entered.is_set)  # the first is in the forward pass, held there
+                hang_up = asyncio.Event()
+                messages = [{"type": "http.request", "body": IMAGE, "more_body": False}]
+
+                async def receive() -> dict:
+                    if messages:
+                        return messages.pop(0)
+                    await hang_up.wait()
+                    return {"type": "http.disconnect"}
+
+                sent: list[dict] = []
+
+                async def send(message: dict) -> None:
+                    sent.append(message)
+
+                scope = {
+                    "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                    "scheme": "http", "path": "/invocations", "raw_path": b"/invocations", "query_string": b"",
+                    "root_path": "", "client": ("127.0.0.1", 5555), "server": ("api", 80),
+                    "headers": [(b"host", b"api"), (b"content-type", b"application/json")],
+                }  # fmt: skip
+                second = asyncio.create_task(manager.app(scope, receive, send))
+                batcher = app.state.classifier.batcher
+                await eventually(lambda: batcher._queue.qsize() >= 1)  # the second waits behind the first
+                hang_up.set()
+                await asyncio.wait_for(second, 10)
+            finally:
+                gate.opened.set()
+            assert (await first).status_code == 200
+            assert sent[0]["status"] == 499
+            assert source.calls_per_batch == [1], source.calls_per_batch  # the first only
+            text = (await c.get("/metrics")).text
+    assert metric(text, "http_requests_total", handler="/invocations", method="POST", status="4xx") == 1
+    assert metric(text, "http_requests_total", handler="/invocations", method="POST", status="2xx") is None

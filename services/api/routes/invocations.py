@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from services.api.deps import ClassifierDep, SettingsDep
 from services.api.errors import PayloadTooLarge
+from services.api.hangup import unless_client_leaves
 from services.api.middleware import human_bytes
 from services.api.protocol import check_content_type
 from services.api.uploads import BodyBudget
@@ -78,7 +79,7 @@ async def invocations(request: Request, classifier: ClassifierDep, settings: Set
     started = time.perf_counter()
     check_content_type(request.headers.get("content-type"))
     async with read_body(request, settings.max_body_bytes, request.app.state.body_budget) as body:
-        content, model, ids, in_domain = await classifier.invocations(body, started)
+        content, model, ids, in_domain = await unless_client_leaves(request, classifier.invocations(body, started))
     # The body stays exactly MLflow's; the ids (for POST /feedback) and whether each input looks like the
     # training photos travel in headers, in input order.
     headers = {"X-Model-Name": model.name, "X-Model-Version": model.version, "X-Prediction-Ids": ",".join(ids)}

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request
 
 from services.api.deps import ClassifierDep, SettingsDep
 from services.api.errors import UnsupportedMediaType
+from services.api.hangup import unless_client_leaves
 from services.api.responses import JSONResponse
 from services.api.uploads import read_uploads
 
@@ -78,7 +79,9 @@ async def predict(
         budget=request.app.state.body_budget,
     ) as uploads:
         client = request.client.host if request.client else "unknown"
-        answers = await classifier.classify(uploads, started, explain=explain, client=client)
+        answers = await unless_client_leaves(
+            request, classifier.classify(uploads, started, explain=explain, client=client)
+        )
     body: Any = answers[0] if len(answers) == 1 else answers
     last = answers[-1]["model"]
     return JSONResponse(body, headers={"X-Model-Name": last["name"], "X-Model-Version": last["version"]})
