@@ -46,17 +46,25 @@ def safe_filename(name: str | None) -> str | None:
 
 class BodyBudget:
     """The bytes of request bodies (uploads, ``/invocations`` JSON) all requests in progress may hold at once;
-    beyond it a request answers 503 at once (with ``Retry-After``) instead of growing the process."""
+    beyond it a request answers 503 at once (with ``Retry-After``) instead of growing the process.
 
-    def __init__(self, total: int, on_release: Callable[[int], None] | None = None) -> None:
+    A quarter is kept for small bodies (up to ``small_bytes`` each: a photo, one image's JSON): big bodies
+    together may fill only the rest, so a few of them cannot turn ordinary requests away."""
+
+    def __init__(
+        self, total: int, on_release: Callable[[int], None] | None = None, small_bytes: int = 4 * 1024 * 1024
+    ) -> None:
         self.total = total
+        self.small_bytes = small_bytes
         self.held = 0
         self.peak = 0
         self.on_release = on_release
         """Told how many bytes a request gave back (the app trims the heap after big ones)."""
 
-    def take(self, n: int) -> None:
-        if self.held + n > self.total:
+    def take(self, n: int, already: int = 0) -> None:
+        """Count ``n`` more bytes of a request that holds ``already``."""
+        limit = self.total if already + n <= self.small_bytes else self.total - self.total // 4
+        if self.held + n > limit:
             error = Overloaded(
                 f"the server holds {human_bytes(self.total)} of request bodies in progress, its limit; retry shortly"
             )
@@ -144,7 +152,7 @@ class _Form:
             raise PayloadTooLarge(f"{name} is over the limit of {human_bytes(self.max_file_bytes)}")
         if self.held + n > self.max_request_bytes:
             raise PayloadTooLarge(f"the files are over the limit of {human_bytes(self.max_request_bytes)} a request")
-        self.budget.take(n)
+        self.budget.take(n, self.held)
         self.held += n
         part.data += data[start:end]
 

@@ -163,6 +163,23 @@ def test_the_body_budget_answers_503_beyond_it(tmp_path) -> None:
         assert small.status_code == 400, small.text  # within the budget: read, then refused as no image
 
 
+def test_big_bodies_leave_a_quarter_of_the_budget_to_small_ones() -> None:
+    """The soak at c=32 saw ordinary one-image /invocations answer 503 while 57 MiB bodies filled the budget."""
+    from services.api.errors import Overloaded
+    from services.api.uploads import BodyBudget
+
+    budget = BodyBudget(100, small_bytes=10)
+    budget.take(10)
+    budget.take(60, already=10)  # a big body: 70 held of the 75 big bodies may fill
+    with pytest.raises(Overloaded):
+        budget.take(10, already=70)
+    budget.take(10)  # small bodies still fit, up to the whole budget
+    budget.take(10)
+    budget.take(10)
+    with pytest.raises(Overloaded):
+        budget.take(1)  # past the whole budget, even for a small one
+
+
 # ---------------------------------------------------------------- MEDIUM 2: /invocations off the fast path
 
 

@@ -64,7 +64,7 @@ async def read_body(request: Request, limit: int, budget: BodyBudget) -> AsyncIt
         async for chunk in request.stream():
             if size + len(chunk) > limit:
                 raise PayloadTooLarge(f"the body is over the limit of {human_bytes(limit)}")
-            budget.take(len(chunk))
+            budget.take(len(chunk), size)
             size += len(chunk)
             chunks.append(chunk)
         body = b"".join(chunks)
