@@ -202,14 +202,16 @@ def invoke(api: Api, body: bytes) -> httpx.Response:
 
 def test_57_mib_of_strings_is_refused_without_growing_the_process(fake_api: Api) -> None:
     """Four clients at once send 57 MiB of ``"0.5"`` strings shaped as 62 images: each gets 400 saying the
-    values must be numbers, and the process grows by a fraction of what orjson built (465 -> 2,607 MiB)."""
+    values must be numbers (or 503 when big bodies fill their share of API_BODY_BUFFER_BYTES), and the process
+    grows by a fraction of what orjson built (465 -> 2,607 MiB)."""
     body = json_images(62, b'"0.5"')
     assert 56 * MIB < len(body) < 64 * MIB
     start = reset_peak(fake_api.pid)
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: invoke(fake_api, body), range(4)))
-    assert [a.status_code for a in answers] == [400] * 4, answers[0].text
-    assert "numbers only" in answers[0].json()["message"]
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses in ([400] * 4, [400] * 3 + [503]), statuses  # a fourth may find the body budget full
+    assert all("numbers only" in a.json()["message"] for a in answers if a.status_code == 400)
     grown = status_mib(fake_api.pid, "VmHWM") - start
     print(f"four 57 MiB bodies at once: +{grown:.0f} MiB")
     assert grown < 900, f"four 57 MiB bodies grew the process by {grown:.0f} MiB"
