@@ -5,7 +5,9 @@ Starts ``python -m services.api`` on 127.0.0.1 (model from the usual environment
 ``/predict`` (real photos), ``/invocations`` (seed-style JSON), ``/model``, ``/health/ready`` and one
 deliberate bad request (must answer 400), and with ``--hostile`` the hostile probe's requests too (each must get
 its 4xx: request-sized JSON skeletons, a million zeros, random paths, an oversized feedback body, too many
-headers); samples the API's RSS every second from ``/proc``; prints errors
+headers, a 6300 x 6300 16-bit PNG, a float TIFF, an EPS, 57 MiB of JSON strings, 16 idle sockets), after
+``--warm`` s of ordinary traffic and followed by ``--idle`` s of none (10 and 30 s with ``--hostile``: the report's
+warm and idle RSS say whether memory comes back); samples the API's RSS every second from ``/proc``; prints errors
 (5xx, transport errors, any unexpected status), p50/p95/p99 per endpoint, and RSS: start, peak, and growth
 after a warm-up (``--warmup``, 30 s; RSS levels off within it at concurrency 32) measured robustly: the
 median RSS of the first and of the last 30 s of the steady part, and a least-squares trend in MiB per minute,
@@ -48,14 +50,63 @@ DEFAULT_DATA = Path(os.environ.get("DANDELION_DATA_DIR", REPO.parent / "shared" 
 MIX = {"predict": 4, "invocations": 2, "model": 2, "ready": 1, "bad-request": 1}
 """Relative weight of each kind of request."""
 EXPECTED = {"predict": 200, "invocations": 200, "model": 200, "ready": 200, "bad-request": 400}
-HOSTILE = {"skeleton": 1, "zeros": 1, "random-path": 1, "big-feedback": 1, "many-headers": 1}
-"""With ``--hostile``: the hostile probe's requests (services/api hardening), each as often as a bad request."""
-HOSTILE_EXPECTED = {"skeleton": 400, "zeros": 400, "random-path": 404, "big-feedback": 413, "many-headers": 431}
+HOSTILE = {
+    "skeleton": 1,
+    "zeros": 1,
+    "random-path": 1,
+    "big-feedback": 1,
+    "many-headers": 1,
+    "png16": 1,
+    "float-tiff": 1,
+    "eps": 1,
+    "json-57mib": 1,
+}
+"""With ``--hostile``: the hostile probes' requests (services/api hardening), each as often as a bad request; and
+16 idle sockets at a time, opened again as soon as the server has closed the last ones."""
+HOSTILE_EXPECTED: dict[str, tuple[int, ...]] = {
+    "skeleton": (400,),
+    "zeros": (400,),
+    "random-path": (404,),
+    "big-feedback": (413,),
+    "many-headers": (431,),
+    "png16": (200, 413),  # a 6300 x 6300 16-bit PNG (75 KB): decoded within the byte budget, or refused by it
+    "float-tiff": (200, 413),
+    "eps": (415,),  # never handed to Ghostscript
+    "json-57mib": (400, 503),  # 57 MiB of "0.5" strings; 503 when the bodies in progress fill the body budget
+}
+IDLE_SOCKETS = 16
+IDLE_SOCKET_DEADLINE_S = 30.0
+"""An idle socket the server has not closed after this is an error (its header deadline is 10 s by default)."""
+UPLOADS = {"png16", "float-tiff", "eps"}
 
 
 def hostile_bodies() -> dict[str, list[bytes]]:
+    import io
+
+    from PIL import Image
+
+    def saved(image: Image.Image, fmt: str, **options) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        return buffer.getvalue()
+
     skeletons = [b'{"inputs":[' + b",".join([b"0"] * n) + b"]" + b" " * 70_000 + b"}" for n in range(200, 208)]
-    return {"skeleton": skeletons, "zeros": [b'{"inputs":[' + b",".join([b"0"] * 1_000_000) + b"]}"]}
+    pixel = b'["0.5","0.5","0.5"]'
+    image = b"[" + b",".join([b"[" + b",".join([pixel] * 224) + b"]"] * 224) + b"]"
+    return {
+        "skeleton": skeletons,
+        "zeros": [b'{"inputs":[' + b",".join([b"0"] * 1_000_000) + b"]}"],
+        "json-57mib": [b'{"inputs":[' + b",".join([image] * 62) + b"]}"],
+        "png16": [saved(Image.new("I;16", (6300, 6300)), "PNG", optimize=True)],
+        "float-tiff": [
+            saved(Image.fromarray(np.zeros((6300, 6300), np.float32), "F"), "TIFF", compression="tiff_adobe_deflate")
+        ],
+        "eps": [b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 100\n{ } loop\n"],
+    }
+
+
+def expected_statuses(kind: str) -> tuple[int, ...]:
+    return HOSTILE_EXPECTED[kind] if kind in HOSTILE_EXPECTED else (EXPECTED[kind],)
 
 
 def free_port() -> int:
@@ -116,13 +167,20 @@ def start_api(log: Path, timeout: float) -> Iterator[tuple[str, int]]:
 
 @dataclass
 class Results:
-    latencies: dict[str, list[float]] = field(default_factory=lambda: {kind: [] for kind in {**MIX, **HOSTILE}})
+    latencies: dict[str, list[float]] = field(
+        default_factory=lambda: {kind: [] for kind in {**MIX, **HOSTILE, "idle-sockets": 0}}
+    )
     errors: Counter[str] = field(default_factory=Counter)
     rss_kib: list[int] = field(default_factory=list)
     rss_at: list[float] = field(default_factory=list)
     """Seconds since the load started, one per ``rss_kib`` sample."""
     seconds: float = 0.0
     warmup_s: float = 30.0
+    warm_rss_kib: float | None = None
+    """RSS after the warm phase of ordinary traffic (``--warm``), before the measured load."""
+    idle_rss_kib: float | None = None
+    """RSS at the end of the idle phase (``--idle``) after the load."""
+    idle_s: float = 0.0
 
     def rss_report(self, window_s: float = 30.0) -> dict:
         rss = np.array(self.rss_kib, dtype=np.float64) / 1024
@@ -134,6 +192,10 @@ class Results:
             "warmup_s": self.warmup_s,
             "samples": [[round(float(t), 1), round(float(r), 1)] for t, r in zip(at, rss, strict=True)],
         }
+        if self.warm_rss_kib is not None:
+            report["warm"] = round(self.warm_rss_kib / 1024, 1)
+        if self.idle_rss_kib is not None:
+            report.update(idle=round(self.idle_rss_kib / 1024, 1), idle_s=self.idle_s)
         steady = at >= self.warmup_s
         if steady.sum() >= 4 and at[steady][-1] - at[steady][0] >= 2 * window_s:
             t, r = at[steady], rss[steady]
@@ -152,7 +214,7 @@ class Results:
         total = sum(len(v) for v in self.latencies.values())
         endpoints = {}
         for kind, values in self.latencies.items():
-            if not values and kind in HOSTILE:
+            if not values and kind not in MIX:
                 continue
             ms = np.array(values) * 1000 if values else np.array([np.nan])
             endpoints[kind] = {
@@ -193,16 +255,19 @@ async def soak(
     data: Path,
     warmup_s: float = 30.0,
     hostile: bool = False,
+    warm_s: float = 0.0,
+    idle_s: float = 0.0,
 ) -> Results:
+    """``warm_s`` of ordinary traffic (its RSS is the warm level), ``seconds`` of the mix, then ``idle_s`` of
+    nothing (its last RSS is the idle level)."""
     if urlsplit(url).hostname not in ("127.0.0.1", "localhost"):
         raise SystemExit("the soak test only talks to 127.0.0.1")
     images, bodies = photos(data), seed_bodies()
     probes = hostile_bodies() if hostile else {}
     mix = {**MIX, **HOSTILE} if hostile else MIX
-    expected = {**EXPECTED, **HOSTILE_EXPECTED}
     kinds = [kind for kind, weight in mix.items() for _ in range(weight)]
-    results = Results(warmup_s=warmup_s)
-    stop_at = time.monotonic() + seconds
+    ordinary = [kind for kind, weight in MIX.items() for _ in range(weight)]
+    results = Results(warmup_s=warmup_s, idle_s=idle_s)
 
     async def one(client: httpx.AsyncClient, kind: str, n: int) -> httpx.Response:
         if kind == "predict":
@@ -215,6 +280,8 @@ async def soak(
             return await client.get("/model")
         if kind == "ready":
             return await client.get("/health/ready")
+        if kind in UPLOADS:
+            return await client.post("/predict", files={"file": (kind, probes[kind][0])})
         if kind in probes:
             body = probes[kind][n % len(probes[kind])]
             return await client.post("/invocations", content=body, headers={"content-type": "application/json"})
@@ -227,7 +294,7 @@ async def soak(
             return await client.get("/health/live", headers={f"x-probe-{i}": "1" for i in range(150)})
         return await client.post("/predict", files={"file": ("notes.jpg", b"not an image", "image/jpeg")})
 
-    async def worker(client: httpx.AsyncClient, index: int) -> None:
+    async def worker(client: httpx.AsyncClient, index: int, kinds: list[str], stop_at: float) -> None:
         rng = random.Random(index)
         for n in itertools.count(index * 7919):
             if time.monotonic() >= stop_at:
@@ -240,8 +307,26 @@ async def soak(
                 results.errors[f"{kind}: {type(exc).__name__}"] += 1
                 continue
             results.latencies[kind].append(time.perf_counter() - started)
-            if response.status_code != expected[kind]:
+            if response.status_code not in expected_statuses(kind):
                 results.errors[f"{kind}: HTTP {response.status_code}"] += 1
+
+    async def idle_sockets(stop_at: float) -> None:
+        """16 sockets that send nothing, opened again once the server has closed them all."""
+        address = urlsplit(url)
+        while time.monotonic() < stop_at:
+            opened = time.perf_counter()
+            connections = [await asyncio.open_connection(address.hostname, address.port) for _ in range(IDLE_SOCKETS)]
+            for reader, writer in connections:
+                try:
+                    await asyncio.wait_for(
+                        reader.read(100), max(0.1, IDLE_SOCKET_DEADLINE_S - (time.perf_counter() - opened))
+                    )
+                except TimeoutError:
+                    results.errors["idle-sockets: still open"] += 1
+                except OSError:
+                    pass
+                writer.close()
+            results.latencies["idle-sockets"].append(time.perf_counter() - opened)
 
     def sample() -> None:
         if pid is not None and (value := rss_kib(pid)) is not None:
@@ -257,12 +342,26 @@ async def soak(
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
         started = time.monotonic()
         sampler = asyncio.create_task(sample_rss())
-        await asyncio.gather(*(worker(client, i) for i in range(concurrency)))
-        results.seconds = time.monotonic() - started
+        if warm_s:
+            warm_until = time.monotonic() + warm_s
+            await asyncio.gather(*(worker(client, i, ordinary, warm_until) for i in range(concurrency)))
+            sample()
+            results.warm_rss_kib = float(np.median(results.rss_kib[-3:])) if results.rss_kib else None
+        load_started = time.monotonic()
+        stop_at = load_started + seconds
+        tasks = [worker(client, i, kinds, stop_at) for i in range(concurrency)]
+        if hostile:
+            tasks.append(idle_sockets(stop_at))
+        await asyncio.gather(*tasks)
+        results.seconds = time.monotonic() - load_started
+        if idle_s:
+            await asyncio.sleep(idle_s)
         sampler.cancel()
         with suppress(asyncio.CancelledError):
             await sampler
         sample()
+        if idle_s and results.rss_kib:
+            results.idle_rss_kib = float(results.rss_kib[-1])
     return results
 
 
@@ -279,6 +378,11 @@ def print_report(report: dict, concurrency: int) -> None:
     rss = report["rss_mib"]
     if rss["start"] is not None:
         print(f"  RSS MiB: start {rss['start']}, end {rss['end']}, peak {rss['peak']}")
+    if "warm" in rss or "idle" in rss:
+        print(
+            f"  RSS MiB: warm {rss.get('warm')} (after --warm), "
+            f"idle {rss.get('idle')} ({rss.get('idle_s', 0):g} s after the load)"
+        )
     if "growth_percent" in rss:
         print(
             f"  RSS after {rss['warmup_s']:g} s warm-up: median {rss['steady_first_median']} MiB (first 30 s) -> "
@@ -299,10 +403,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ready-timeout", type=float, default=180)
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--hostile", action="store_true", help="mix the hostile probe's requests into the traffic")
+    parser.add_argument(
+        "--warm", type=float, help="seconds of ordinary traffic first, for the warm RSS (default: 10 with --hostile)"
+    )
+    parser.add_argument(
+        "--idle", type=float, help="seconds idle after the load, for the idle RSS (default: 30 with --hostile)"
+    )
     args = parser.parse_args(argv)
+    warm_s = args.warm if args.warm is not None else (10.0 if args.hostile else 0.0)
+    idle_s = args.idle if args.idle is not None else (30.0 if args.hostile else 0.0)
 
     def run(url: str, pid: int | None) -> Results:
-        return asyncio.run(soak(url, pid, args.seconds, args.concurrency, args.data, args.warmup, hostile=args.hostile))
+        return asyncio.run(
+            soak(url, pid, args.seconds, args.concurrency, args.data, args.warmup, args.hostile, warm_s, idle_s)
+        )
 
     if args.url:
         results = run(args.url, args.pid)

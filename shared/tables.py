@@ -147,3 +147,6 @@ class FeedbackRow(Base):
     prediction_id: Mapped[str] = mapped_column(String(32), ForeignKey("predictions.id"), primary_key=True)
     label: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """Who sent the label: ``token`` when it came with ``API_FEEDBACK_TOKEN`` (trusted), else the client's address
+    (open feedback); NULL for labels kept before this column. Live accuracy counts distinct senders."""

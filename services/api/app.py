@@ -21,12 +21,17 @@ from starlette.requests import ClientDisconnect
 from services.api.batching import Batcher
 from services.api.drift import DriftMonitor
 from services.api.errors import ApiError
+from services.api.keep import UploadQuota
+from services.api.memory import IdleTrimmer
 from services.api.metrics import HTTP_LATENCY_BUCKETS, ApiMetrics
 from services.api.middleware import (
     BodyLimitMiddleware,
     ConcurrencyLimitMiddleware,
     HeaderLimitMiddleware,
     HeadMiddleware,
+    MeterMethodAsOther,
+    RequestFramingMiddleware,
+    RestoreMethod,
     error_response,
 )
 from services.api.predlog import PredictionLog
@@ -38,6 +43,7 @@ from services.api.runtime import LoadedModel, ModelRuntime, ModelSource
 from services.api.schemas import complete_openapi
 from services.api.service import Classifier
 from services.api.settings import ApiSettings
+from services.api.uploads import BodyBudget
 from shared.db import sqlite_file
 from shared.images import ImageLimits
 
@@ -100,9 +106,13 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
             low_confidence=settings.low_confidence_threshold,
             decode_concurrency=settings.decode_concurrency,
             decode_timeout_s=settings.decode_timeout_s,
+            parse_concurrency=settings.parse_concurrency,
+            trimmer=app.state.trimmer,
+            keep=UploadQuota(settings.store_uploads_client_bytes_per_hour, settings.store_uploads_bytes_per_hour),
         )
         batcher.start()
         tasks = [asyncio.create_task(runtime.run(), name="model-runtime")]
+        trimming = asyncio.create_task(app.state.trimmer.run(), name="malloc-trim")
         if predlog is not None:
             tasks.append(asyncio.create_task(predlog.run(), name="prediction-log"))
             tasks[-1].add_done_callback(_report_stopped)
@@ -116,7 +126,7 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
             if predlog is not None:  # the log writes what it holds; cancelled (and flushed once more) if it hangs
                 predlog.stop()
                 await asyncio.wait(tasks[1:], timeout=PREDICTION_LOG_STOP_S)
-            for task in tasks:
+            for task in [*tasks, trimming]:
                 task.cancel()
                 with contextlib.suppress(Exception, asyncio.CancelledError):  # a crash was reported when it happened
                     await task
@@ -141,6 +151,8 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
     app.state.shutting_down = False
     app.state.predlog = None
     app.state.drift = drift
+    app.state.trimmer = IdleTrimmer()
+    app.state.body_budget = BodyBudget(settings.body_buffer_bytes, on_release=app.state.trimmer.note)
 
     for router in (predict.router, invocations.router, feedback.router, model.router, health.router, page.router):
         app.include_router(router)
@@ -169,13 +181,16 @@ def create_app(settings: ApiSettings | None = None, source: ModelSource | None =
     if settings.allowed_hosts != ["*"]:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts, www_redirect=False)
     app.add_middleware(HeaderLimitMiddleware, max_count=settings.max_header_count, max_bytes=settings.max_header_bytes)
+    app.add_middleware(RequestFramingMiddleware)
     app.add_middleware(HeadMiddleware)
     app.add_middleware(ConcurrencyLimitMiddleware, limit=settings.limit_concurrency, exempt=PROBES)
+    app.add_middleware(RestoreMethod)
     # Only routes are metered, by their template: a random path must not become a new series.
     instrumentator = Instrumentator(
         excluded_handlers=sorted(PROBES), registry=metrics.registry, should_ignore_untemplated=True
     )
     instrumentator.instrument(app, latency_lowr_buckets=HTTP_LATENCY_BUCKETS).expose(app, include_in_schema=False)
+    app.add_middleware(MeterMethodAsOther)  # outside the metrics: an invented method name adds no series
     return app
 
 
@@ -243,7 +258,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
         code = HTTP_CODES.get(exc.status_code, f"HTTP_{exc.status_code}")
-        return error_response(exc.status_code, code, message[:300], headers=exc.headers)  # e.g. 405's Allow
+        headers = dict(exc.headers or {})
+        allow = [m.strip() for m in headers.get("Allow", "").split(",") if m.strip()]
+        if "GET" in allow and "HEAD" not in allow:  # HeadMiddleware answers HEAD wherever GET is answered
+            headers["Allow"] = ", ".join([*allow, "HEAD"])
+        return error_response(exc.status_code, code, message[:300], headers=headers or None)  # e.g. 405's Allow
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:

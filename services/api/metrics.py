@@ -79,7 +79,8 @@ class ApiMetrics:
         )
         self.uploads_dropped = Counter(
             "prediction_log_uploads_dropped",
-            "Uploaded files not stored (API_STORE_UPLOADS on): over the queue's byte budget, or the store failed.",
+            "Uploaded files not stored (API_STORE_UPLOADS on): over the queue's byte budget, the store failed, or "
+            "over the client's or the replica's hourly quota.",
             ["reason"],
             registry=r,
         )
@@ -120,13 +121,19 @@ class ApiMetrics:
             ["outcome"],
             registry=r,
         )
+        self.live_accuracy_clients = Gauge(
+            "model_live_accuracy_clients",
+            "Distinct clients (addresses) that sent the feedback behind model_live_accuracy; +Inf once any label "
+            "came with the feedback token (trusted). LiveAccuracyLow needs 3, so one client cannot fire it.",
+            registry=r,
+        )
         self.live_accuracy.set(float("nan"))  # unknown until computed, not 0
         for outcome in DOMAIN_OUTCOMES:
             self.live_domain_feedback.labels(outcome=outcome).set(0)
 
         for reason in ("queue_full", "rejected", "shutdown"):
             self.log_dropped.labels(reason=reason)  # exported as 0 from the start, not only after a first drop
-        for reason in ("queue_full", "store_error"):
+        for reason in ("queue_full", "store_error", "quota"):
             self.uploads_dropped.labels(reason=reason)
 
     def served(

@@ -57,8 +57,12 @@ class BodyLimitMiddleware:
         refusal: JSONResponse | None = None
         deadline = asyncio.get_running_loop().time() + self.read_timeout_s
 
+        body_done = False
+
         async def limited_receive() -> Message:
-            nonlocal received, refusal
+            nonlocal received, refusal, body_done
+            if body_done:  # the body is in: what follows (a hang-up) has no deadline
+                return await receive()
             left = deadline - asyncio.get_running_loop().time()
             try:
                 message = await asyncio.wait_for(receive(), max(left, 0.001))
@@ -71,6 +75,7 @@ class BodyLimitMiddleware:
                 if received > limit:
                     refusal = _too_large(limit)
                     raise PayloadTooLarge(f"the request body is over the limit of {human_bytes(limit)}")
+                body_done = not message.get("more_body", False)
             return message
 
         started = False
@@ -122,6 +127,59 @@ class HeaderLimitMiddleware:
                 )
                 await _send(send, error_response(431, "REQUEST_HEADER_FIELDS_TOO_LARGE", message))
                 return
+        await self.app(scope, receive, send)
+
+
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+"""Methods metered under their own name; any other (PROPFIND, MKCOL, QUERY, ...) is metered as ``other``."""
+ORIGINAL_METHOD = "dandelion.original_method"
+
+
+class MeterMethodAsOther:
+    """Outside the metrics middleware: an unknown method is seen there as ``other``, so a client cannot add
+    series by inventing method names. :class:`RestoreMethod`, inside it, gives the routes the real one back."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in KNOWN_METHODS:
+            scope = {**scope, "method": "other", ORIGINAL_METHOD: scope["method"]}
+        await self.app(scope, receive, send)
+
+
+class RestoreMethod:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if ORIGINAL_METHOD in scope:
+            scope = {**scope, "method": scope[ORIGINAL_METHOD]}
+        await self.app(scope, receive, send)
+
+
+class RequestFramingMiddleware:
+    """400 for a request without exactly one ``Host`` header (HTTP/1.1 asks for one, RFC 9112 section 3.2), and
+    415 for a body with any ``Content-Encoding`` but ``identity``: no compressed body is accepted, and a plain
+    body labelled as gzip must not be read as if the label were true."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = scope.get("headers", ())
+            hosts = sum(1 for name, _ in headers if name == b"host")
+            if hosts > 1 or (hosts == 0 and scope.get("http_version") != "1.0"):
+                message = f"the request has {hosts} Host headers; HTTP/1.1 asks for exactly one"
+                await _send(send, error_response(400, "BAD_REQUEST", message))
+                return
+            for name, value in headers:
+                if name == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                    shown = value.decode("latin-1")[:30]
+                    message = f"Content-Encoding {shown!r} is not supported: send the body uncompressed"
+                    await _send(send, error_response(415, "UNSUPPORTED_MEDIA_TYPE", message))
+                    return
         await self.app(scope, receive, send)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import Integer, func, insert, select
 from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
@@ -36,6 +36,9 @@ from shared.labels import NEITHER
 from shared.settings import DatabaseSettings, ObjectStoreSettings
 from shared.storage import ObjectStore, open_store
 from shared.tables import FeedbackRow, PredictionRow
+
+TRUSTED_SENDER = "token"
+"""``FeedbackRow.client`` of a label sent with the feedback token: trusted, however many come from one place."""
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +358,16 @@ class PredictionLog:
         )
         async with self.sessions() as session:
             groups = (await session.execute(query)).all()
+            # Who said so: one open-feedback client alone must not move the alert (token feedback is trusted).
+            senders = (
+                select(func.count(FeedbackRow.client.distinct()),
+                       func.sum((FeedbackRow.client == TRUSTED_SENDER).cast(Integer)))
+                .select_from(FeedbackRow)
+                .join(PredictionRow, PredictionRow.id == FeedbackRow.prediction_id)
+                .where(PredictionRow.model_name == name, PredictionRow.model_version == version,
+                       FeedbackRow.label != NEITHER)
+            )  # fmt: skip
+            clients, trusted = (await session.execute(senders)).one()
         total = correct = 0
         outcomes = dict.fromkeys(DOMAIN_OUTCOMES, 0)
         for predicted, in_domain, told, count in groups:
@@ -364,6 +377,7 @@ class PredictionLog:
             if (outcome := domain_outcome(in_domain, told)) is not None:
                 outcomes[outcome] += count
         self.metrics.live_accuracy_samples.set(total)
+        self.metrics.live_accuracy_clients.set(float("inf") if trusted else (clients or 0))
         self.metrics.live_accuracy.set(correct / total if total else float("nan"))
         for outcome, count in outcomes.items():
             self.metrics.live_domain_feedback.labels(outcome=outcome).set(count)

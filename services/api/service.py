@@ -21,14 +21,19 @@ import numpy as np
 from services.api.batching import Batcher
 from services.api.drift import DriftMonitor
 from services.api.errors import BadRequest, InvalidImage, PayloadTooLarge, Timeout, UnsupportedMediaType
+from services.api.keep import UploadQuota
+from services.api.memory import IdleTrimmer
 from services.api.metrics import ApiMetrics
 from services.api.predlog import PredictionLog, Record
-from services.api.protocol import parse_body, predictions_body
+from services.api.protocol import FAST_PATH_MIN_BYTES, parse_body, predictions_body
 from services.api.runtime import LoadedModel
 from shared import images, labels
 from shared.descriptors import Loaded, describe_array, load
 
 log = logging.getLogger(__name__)
+
+PARSE_TURN_MIN_BYTES = 4 * 1024 * 1024
+"""``/invocations`` bodies above this (two images or more) wait for a parse turn; one image's never does."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +141,9 @@ class Classifier:
         low_confidence: float = 0.7,
         decode_concurrency: int = 2,
         decode_timeout_s: float = 10.0,
+        parse_concurrency: int = 1,
+        trimmer: IdleTrimmer | None = None,
+        keep: UploadQuota | None = None,
     ) -> None:
         self.low_confidence = low_confidence
         """Answers below this confidence say so (``low_confidence``); the page shows them as "not sure"."""
@@ -150,6 +158,13 @@ class Classifier:
         self._decode_turns = asyncio.Semaphore(decode_concurrency)
         """Decodes under way, across requests: each may hold up to ``limits.max_decode_bytes``."""
         self.decode_timeout_s = decode_timeout_s
+        self._parse_turns = asyncio.Semaphore(parse_concurrency)
+        self.trimmer = trimmer
+        self.keep = keep
+        """Which uploads are kept when the prediction log stores them (per client and in all, per hour)."""
+        """Told after each decode: a decode may hold up to ``limits.max_decode_bytes`` and free it all at once."""
+        """``/invocations`` bodies over ``PARSE_TURN_MIN_BYTES`` parsed at once, across requests: each parse holds
+        up to ~6x its body."""
 
     async def _predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, LoadedModel]:
         """Probabilities ``(n, classes)``, the whole output rows (what :func:`verdict` and :func:`explanation`
@@ -198,11 +213,18 @@ class Classifier:
 
     def _decoded(self, work: asyncio.Future) -> None:
         self._decode_turns.release()
+        if self.trimmer is not None:
+            self.trimmer.note(self.trimmer.threshold_bytes)
         if not work.cancelled():
             work.exception()  # retrieved: a refusal nobody waited for any more is not an "unhandled" error
 
     async def classify(
-        self, uploads: list[Upload], started: float | None = None, *, explain: bool = False
+        self,
+        uploads: list[Upload],
+        started: float | None = None,
+        *,
+        explain: bool = False,
+        client: str = "unknown",
     ) -> list[dict[str, Any]]:
         """One answer per upload, in order (with ``explain``, where the model looked). Any unusable file fails
         the request with its reason."""
@@ -219,6 +241,9 @@ class Classifier:
             self.metrics.served([label], [confidence], model.version, None if in_domain is None else [in_domain])
             prediction_id = uuid.uuid4().hex
             stored = upload.data if self.predlog is not None and self.predlog.stores_uploads else None
+            if stored is not None and self.keep is not None and not self.keep.allow(client, len(stored)):
+                stored = None
+                self.metrics.uploads_dropped.labels(reason="quota").inc()
             observations.append(
                 _Observation(prediction_id, "predict", model, label, confidence, latency_ms, image.describe,
                              stored, image.format, distance, in_domain)
@@ -249,7 +274,10 @@ class Classifier:
         """An MLflow scoring request -> its ``{"predictions": ...}`` body, the model that answered, the ids, and
         whether each input looks like the training photos (None: the model has no in-domain score)."""
         started = time.perf_counter() if started is None else started
-        if len(body) > 65536:
+        if len(body) > PARSE_TURN_MIN_BYTES:
+            async with self._parse_turns:
+                x = await asyncio.to_thread(parse_body, body, self.max_instances)
+        elif len(body) > FAST_PATH_MIN_BYTES:
             x = await asyncio.to_thread(parse_body, body, self.max_instances)
         else:
             x = parse_body(body, self.max_instances)

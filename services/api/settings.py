@@ -59,6 +59,11 @@ class ApiSettings(BaseSettings):
     """Largest single image file accepted by /predict."""
     max_files: int = 16
     """Most ``file`` parts in one /predict request."""
+    body_buffer_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    """Most bytes of request bodies (``/predict`` files, ``/invocations`` JSON) all requests in progress hold
+    together, in memory (nothing is written to disk); a request that would pass it answers 503 with
+    ``Retry-After`` as its bytes arrive. Each file is also cut off at ``max_upload_bytes`` and each body at
+    ``max_body_bytes``."""
     max_pixels: int = 40_000_000
     """Largest image (width x height) decoded; larger ones are refused before decoding (bomb guard)."""
     max_decode_bytes: int = 128 * 1024 * 1024
@@ -74,6 +79,10 @@ class ApiSettings(BaseSettings):
     """Largest request body of any kind (a 224 x 224 x 3 JSON image is about 1-3 MB)."""
     max_instances: int = 64
     """Most images in one /invocations request."""
+    parse_concurrency: int = Field(1, ge=1)
+    """``/invocations`` bodies over 4 MiB (a few images) parsed at once, across requests; the others wait their
+    turn. Each such parse holds up to ~6x its body (simdjson's document, the numbers as float64 and float32);
+    one image's body (~1.7 MB) is never held back."""
     request_timeout_s: float = 30.0
     """A request still waiting for the model after this answers 503 instead of hanging."""
 
@@ -107,6 +116,11 @@ class ApiSettings(BaseSettings):
     store_uploads: bool = False
     """Also keep each uploaded photo in the object store (``uploads/...``), so that photos with feedback can be
     trained on. Off by default: uploads may be personal data; turn it on only where that is allowed."""
+    store_uploads_client_bytes_per_hour: int = Field(32 * 1024 * 1024, ge=0)
+    """With ``store_uploads``: most bytes of one client's uploads kept an hour (by address); beyond it, its
+    predictions are logged without their photos."""
+    store_uploads_bytes_per_hour: int = Field(1024 * 1024 * 1024, ge=0)
+    """With ``store_uploads``: most bytes of uploads this replica keeps an hour, all clients together."""
     prediction_log_max_queue: int = 10_000
     """Most predictions waiting to be written; beyond it (overload, long outage) they are dropped and counted."""
     prediction_log_batch_size: int = 500

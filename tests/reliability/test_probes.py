@@ -21,8 +21,8 @@ from PIL import Image
 from pydantic import SecretStr
 
 from services.api.app import create_app
-from services.api.routes.predict import safe_filename
 from services.api.settings import ApiSettings
+from services.api.uploads import safe_filename
 from tests.api.conftest import wait_ready
 from tests.api.fakes import FakeSource
 from tests.conftest import ARTIFACTS, api_env

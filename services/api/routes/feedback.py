@@ -14,6 +14,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services.api.deps import RuntimeDep, SettingsDep
 from services.api.errors import BadRequest, Conflict, NotFound, TooManyRequests, Unauthorized, Unavailable
+from services.api.predlog import TRUSTED_SENDER
 from services.api.responses import JSONResponse
 from services.api.schemas import DEFAULT_ERROR, FeedbackAnswer, error
 from shared.feedback import domain_outcome
@@ -73,14 +74,14 @@ async def feedback(
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), given.strip().encode()):
             raise Unauthorized("feedback needs 'Authorization: Bearer <API_FEEDBACK_TOKEN>'")
-    elif (limiter := request.app.state.feedback_limiter) is not None:
-        client = request.client.host if request.client else "unknown"
-        if wait := limiter.take(client):
-            raise TooManyRequests(
-                f"open feedback takes {settings.feedback_rate_per_minute:g} labels a minute per client; "
-                f"try again in {wait:.0f} s",
-                int(wait + 1),
-            )
+    sender = TRUSTED_SENDER if token else (request.client.host if request.client else "unknown")[:64]
+    limiter = None if token else request.app.state.feedback_limiter
+    if limiter is not None and (wait := limiter.take(sender)):
+        raise TooManyRequests(
+            f"open feedback takes {settings.feedback_rate_per_minute:g} labels a minute per client; "
+            f"try again in {wait:.0f} s",
+            int(wait + 1),
+        )
     if not PREDICTION_ID.fullmatch(body.prediction_id):
         raise BadRequest("prediction_id must be the 32 hexadecimal characters of a prediction's id")
     known = (*(runtime.current.labels if runtime.current else LABELS), NEITHER)
@@ -92,14 +93,14 @@ async def feedback(
     if predlog.pending(body.prediction_id):  # answered by this replica a moment ago: wait for its row
         await predlog.wait_written(body.prediction_id, WAIT_FOR_LOG_S)
     try:
-        return await asyncio.wait_for(_record(predlog, body, request.app.state.metrics), WAIT_FOR_LOG_S + 10)
+        return await asyncio.wait_for(_record(predlog, body, request.app.state.metrics, sender), WAIT_FOR_LOG_S + 10)
     except (NotFound, Conflict):
         raise
     except Exception as exc:
         raise Unavailable(f"the database is unavailable: {type(exc).__name__}") from exc
 
 
-async def _record(predlog, body: Feedback, metrics) -> JSONResponse:
+async def _record(predlog, body: Feedback, metrics, sender: str) -> JSONResponse:
     # Another replica may have answered it and not written its row yet (it writes every flush interval):
     # look again for a little while before calling the id unknown.
     deadline = asyncio.get_running_loop().time() + predlog.flush_interval_s + 1.0
@@ -110,7 +111,7 @@ async def _record(predlog, body: Feedback, metrics) -> JSONResponse:
             await asyncio.sleep(0.25)
         existing = await session.get(FeedbackRow, body.prediction_id)
         if existing is None:
-            session.add(FeedbackRow(prediction_id=body.prediction_id, label=body.label))
+            session.add(FeedbackRow(prediction_id=body.prediction_id, label=body.label, client=sender))
             try:
                 await session.commit()
             except IntegrityError:  # the same feedback, sent twice at once: the other one won

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -10,9 +12,11 @@ from fastapi.responses import Response
 
 from services.api.deps import ClassifierDep, SettingsDep
 from services.api.errors import PayloadTooLarge
+from services.api.hangup import unless_client_leaves
 from services.api.middleware import human_bytes
 from services.api.protocol import check_content_type
 from services.api.schemas import DEFAULT_ERROR, Scores, error
+from services.api.uploads import BodyBudget
 
 router = APIRouter(tags=["mlflow"])
 
@@ -40,18 +44,26 @@ OPENAPI = {
 }
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refusing it as soon as it passes ``limit`` bytes (declared or streamed)."""
+@asynccontextmanager
+async def read_body(request: Request, limit: int, budget: BodyBudget) -> AsyncIterator[bytes]:
+    """The body, refused as soon as it passes ``limit`` bytes (declared or streamed) or the bytes of all bodies
+    in progress pass ``budget`` (503); its bytes count against the budget until the block ends."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is over the limit of {human_bytes(limit)}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is over the limit of {human_bytes(limit)}")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        async for chunk in request.stream():
+            if size + len(chunk) > limit:
+                raise PayloadTooLarge(f"the body is over the limit of {human_bytes(limit)}")
+            budget.take(len(chunk), size)
+            size += len(chunk)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        chunks.clear()
+        yield body
+    finally:
+        budget.give(size)
 
 
 RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -69,8 +81,8 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
 async def invocations(request: Request, classifier: ClassifierDep, settings: SettingsDep) -> Response:
     started = time.perf_counter()
     check_content_type(request.headers.get("content-type"))
-    body = await read_body(request, settings.max_body_bytes)
-    content, model, ids, in_domain = await classifier.invocations(body, started)
+    async with read_body(request, settings.max_body_bytes, request.app.state.body_budget) as body:
+        content, model, ids, in_domain = await unless_client_leaves(request, classifier.invocations(body, started))
     # The body stays exactly MLflow's; the ids (for POST /feedback) and whether each input looks like the
     # training photos travel in headers, in input order.
     headers = {"X-Model-Name": model.name, "X-Model-Version": model.version, "X-Prediction-Ids": ",".join(ids)}
