@@ -80,6 +80,13 @@ async def test_open_feedback_is_announced_and_limited_per_client(
         assert statuses[:5] == [201, 200, 200, 200, 200] and set(statuses[5:]) == {429}, statuses
         assert int(response.headers["retry-after"]) >= 1
         assert response.json()["error_code"] == "TOO_MANY_REQUESTS"
+        # Another client (another address) has a bucket of its own: the first one's flood costs it nothing.
+        other = httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app, client=("192.0.2.7", 4000)),
+                                  base_url="http://api")  # fmt: skip
+        async with other:
+            body = {"prediction_id": answer["id"], "label": "grass"}
+            theirs = [(await other.post("/feedback", json=body)).status_code for _ in range(6)]
+        assert theirs[:5] == [200] * 5 and theirs[5] == 429, theirs
     finally:
         await client.aclose()
         await manager.__aexit__(None, None, None)
