@@ -179,3 +179,29 @@ def test_gate(accuracy, auc, current, force, promote, why) -> None:
     decision = decide(accuracy, auc, current, floor=0.8, min_gain=0.0, force=force)
     assert decision.promote is promote
     assert why in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "auc", "promote"),
+    [
+        (0.95, 0.9, False),  # better by 0.02: not by the 0.03 asked
+        (0.9601, 0.9, True),  # better by just over 0.03
+        (0.93, 0.99, False),  # a tie: the ROC AUC tie-break is for min_gain 0 only
+        (0.92, 0.99, False),
+    ],
+)
+def test_gate_with_a_minimum_gain(accuracy, auc, promote) -> None:
+    decision = decide(accuracy, auc, champion(0.93), floor=0.8, min_gain=0.03, force=False)
+    assert decision.promote is promote, decision.reason
+
+
+def test_trainer_promotion_min_gain_reaches_the_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRAINER_PROMOTION_MIN_GAIN is what the gate is given (services.trainer.train passes the setting)."""
+    monkeypatch.setenv("TRAINER_PROMOTION_MIN_GAIN", "0.05")
+    settings = TrainerSettings()
+    assert settings.promotion_min_gain == 0.05
+    gain_of_004 = decide(0.97, 0.9, champion(0.93), settings.promotion_floor, settings.promotion_min_gain, False)
+    assert not gain_of_004.promote
+    monkeypatch.delenv("TRAINER_PROMOTION_MIN_GAIN")
+    default = TrainerSettings()
+    assert decide(0.97, 0.9, champion(0.93), default.promotion_floor, default.promotion_min_gain, False).promote
