@@ -3,7 +3,9 @@ compared with a real ``mlflow models serve`` on the same registered model."""
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -251,8 +253,11 @@ def test_new_champion_served_within_the_poll_interval(champion_registry, real_ch
     client.set_registered_model_alias(name, "champion", first.version)
     registry = champion_registry.model_copy(update={"model_name": name})
     poll_s = 1.0
-    env = api_env(registry, API_POLL_INTERVAL_S=str(poll_s), API_RETRY_MAX_S="300")
-    with api_process(env, ARTIFACTS / "api-swap.log") as url:
+    threads = (os.cpu_count() or 1) + 1  # not the default (one per CPU): the log shows which was used
+    env = api_env(registry, API_POLL_INTERVAL_S=str(poll_s), API_RETRY_MAX_S="300", API_INFERENCE_THREADS=str(threads))
+    log = ARTIFACTS / "api-swap.log"
+    logged_before = log.stat().st_size if log.exists() else 0
+    with api_process(env, log) as url:
         seen: list[tuple[int, str]] = []
         stop = threading.Event()
         payload = orjson.dumps({"inputs": [np.full((224, 224, 3), 0.4, np.float32)]}, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -281,6 +286,10 @@ def test_new_champion_served_within_the_poll_interval(champion_registry, real_ch
             stop.set()
             worker.join()
     print(f"new champion served {served_at - promoted_at:.2f} s after promotion (poll interval {poll_s:g} s)")
+    with log.open("rb") as lines:
+        lines.seek(logged_before)
+        loads = re.findall(rb"LiteRT with (\d+) threads", lines.read())
+    assert loads == [str(threads).encode()] * 2, loads  # API_INFERENCE_THREADS, for both versions
     assert all(status == 200 for status, _ in seen), {s for s, _ in seen}
     versions = [v for _, v in seen]
     assert versions[0] == first.version and versions[-1] == second.version
