@@ -38,6 +38,7 @@ def test_tokens_come_back_at_the_rate_up_to_the_burst() -> None:
 
 def test_the_default_burst_is_the_rate_a_minute_and_at_least_one() -> None:
     assert RateLimiter(per_minute=30).burst == 30.0
+    assert RateLimiter(per_minute=30).max_keys == 10_000  # the memory bound: ~1 MB of buckets
     assert RateLimiter(per_minute=0.5).burst == 1.0
     limiter = RateLimiter(per_minute=0, clock=Clock())
     assert limiter.take("a") == 0.0  # the burst's one token ...

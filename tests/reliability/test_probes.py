@@ -188,6 +188,7 @@ async def test_too_many_or_too_large_headers_are_refused(client: httpx.AsyncClie
     assert (await client.get("/health/live", headers={"x-ok": "a" * 1000})).status_code == 200
 
 
+@pytest.mark.slow  # trains the real champion
 def test_slow_bodies_time_out_and_the_process_keeps_its_limits(real_champion) -> None:
     """A slow-body client gets 408 after API_BODY_READ_TIMEOUT_S and is disconnected; a 1 MB header and
     100,000 headers are refused; a Host header is never reflected; memory stays put under the probe's bodies."""

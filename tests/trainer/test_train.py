@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.pyfunc import scoring_server
 
 from services.trainer.export import run_litert
-from services.trainer.registry import Champion, decide
+from services.trainer.registry import AUC_TIE_BREAK_MARGIN, Champion, decide
 from services.trainer.settings import TrainerSettings
 from services.trainer.train import train_and_register
 from shared.images import preprocess
@@ -193,6 +193,29 @@ def test_gate(accuracy, auc, current, force, promote, why) -> None:
 def test_gate_with_a_minimum_gain(accuracy, auc, promote) -> None:
     decision = decide(accuracy, auc, champion(0.93), floor=0.8, min_gain=0.03, force=False)
     assert decision.promote is promote, decision.reason
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("accuracy", [0.5, 0.95, 0.91])
+def test_every_gate_decision_names_the_champion_it_was_measured_against(accuracy: float, force: bool) -> None:
+    decision = decide(accuracy, 0.9, champion(0.93), floor=0.8, min_gain=0.0, force=force)
+    assert (decision.champion_version, decision.champion_accuracy) == ("3", 0.93), decision
+    first = decide(accuracy, 0.9, None, floor=0.8, min_gain=0.0, force=force)
+    assert (first.champion_version, first.champion_accuracy) == (None, None)
+
+
+def test_gate_boundaries_and_reasons() -> None:
+    assert decide(0.8, 0.9, None, floor=0.8, min_gain=0.0, force=False).promote  # the floor itself passes
+    assert decide(0.5, 0.5, None, floor=0.8, min_gain=0.0, force=True).reason == "forced by the operator (--force)"
+    at_margin = champion(0.93, 0.9).roc_auc + AUC_TIE_BREAK_MARGIN
+    assert not decide(0.93, at_margin, champion(0.93, 0.9), floor=0.8, min_gain=0.0, force=False).promote
+    assert decide(0.93, at_margin + 1e-9, champion(0.93, 0.9), floor=0.8, min_gain=0.0, force=False).promote
+    rejected = decide(0.91, 0.95, champion(0.93, 0.9), floor=0.8, min_gain=0.0, force=False).reason
+    assert rejected == (
+        "does not beat champion v3 on the same test split: accuracy 0.9100 vs 0.9300, ROC AUC 0.9500 vs 0.9000"
+    )
+    below = decide(0.7, 0.9, champion(0.93), floor=0.8, min_gain=0.0, force=False).reason
+    assert below == "test accuracy 0.7000 is below the floor 0.8000"
 
 
 def test_trainer_promotion_min_gain_reaches_the_gate(monkeypatch: pytest.MonkeyPatch) -> None:
