@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import numpy as np
@@ -26,6 +28,33 @@ def png(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> bytes:
 
 
 YELLOW, GREEN = png((250, 220, 20)), png((40, 150, 30))
+
+
+@asynccontextmanager
+async def serving(settings: ApiSettings, source: FakeSource) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with ``settings`` and ``source``, ready, and a client to it."""
+    async with LifespanManager(create_app(settings, source=source)) as manager:
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+            await wait_ready(client)
+            yield client
+
+
+async def until(condition, timeout_s: float = 10.0) -> None:
+    """Wait until the awaitable ``condition()`` is true; TimeoutError after ``timeout_s``."""
+    for _ in range(int(timeout_s / 0.02)):
+        if await condition():
+            return
+        await asyncio.sleep(0.02)
+    raise TimeoutError("condition not met")
+
+
+async def failed_loads(client: httpx.AsyncClient, more_than: float) -> bool:
+    return (metric((await client.get("/metrics")).text, "model_load_failures_total") or 0) > more_than
+
+
+async def served_version(client: httpx.AsyncClient, version: str) -> bool:
+    return (await client.get("/model")).json()["version"] == version
 
 
 async def test_predict_one_file(client: httpx.AsyncClient) -> None:
@@ -265,7 +294,7 @@ async def test_not_ready_until_the_registry_answers(api_settings: ApiSettings) -
         LifespanManager(app) as manager,
         httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://api") as c,
     ):
-        await asyncio.sleep(0.3)
+        await until(lambda: failed_loads(c, more_than=1))
         assert (await c.get("/health/live")).status_code == 200
         not_ready = await c.get("/health/ready")
         # A category, not the exception text (which can name hosts and paths): that goes to the log.
@@ -339,39 +368,56 @@ async def test_while_nothing_is_registered_yet_the_replica_asks_again_soon(caplo
         await asyncio.gather(task, return_exceptions=True)
 
 
-async def test_new_version_swapped_in_without_failures(client: httpx.AsyncClient, source: FakeSource) -> None:
-    async def hammer(n: int) -> list[tuple[int, str]]:
-        out = []
-        for _ in range(n):
-            r = await client.post("/predict", files={"file": ("a.png", GREEN)})
-            out.append((r.status_code, r.json()["model"]["version"]))
-            await asyncio.sleep(0.005)
-        return out
+SWAP_SLACK_S = 2.0
+"""What a swap may take beyond the poll interval with the fake model (a resolve and a load: milliseconds, here
+stated generously for a loaded machine); far below ``retry_max_s``, which a poll on the wrong setting waits."""
 
-    task = asyncio.create_task(hammer(60))
-    await asyncio.sleep(0.05)
-    source.version = "2"
-    results = await task
-    assert all(status == 200 for status, _ in results)
-    versions = [v for _, v in results]
+
+async def test_new_version_swapped_in_within_the_poll_interval_without_failures(api_settings: ApiSettings) -> None:
+    """Polled every 0.05 s while the backoff's bound is 30 s: the new version serves within the poll interval
+    plus SWAP_SLACK_S, and no request fails or goes back to the old model around the swap."""
+    settings = api_settings.model_copy(update={"poll_interval_s": 0.05, "retry_max_s": 30.0})
+    source = FakeSource()
+    seen: list[tuple[int, str]] = []
+    stop = asyncio.Event()
+    async with serving(settings, source) as client:
+
+        async def traffic() -> None:
+            while not stop.is_set():
+                r = await client.post("/predict", files={"file": ("a.png", GREEN)})
+                seen.append((r.status_code, r.json()["model"]["version"]))
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(traffic())
+        try:
+            await eventually(lambda: len(seen) >= 5)
+            source.version = "2"
+            promoted_at = asyncio.get_running_loop().time()
+            await eventually(lambda: seen[-1][1] == "2", timeout_s=settings.poll_interval_s + SWAP_SLACK_S)
+            swapped_after = asyncio.get_running_loop().time() - promoted_at
+            after = len(seen)
+            await eventually(lambda: len(seen) >= after + 5)
+        finally:
+            stop.set()
+            await task
+        assert (await client.get("/model")).json()["version"] == "2"
+    print(f"swapped {swapped_after:.3f} s after the alias moved (poll interval {settings.poll_interval_s} s)")
+    assert all(status == 200 for status, _ in seen), {s for s, _ in seen}
+    versions = [v for _, v in seen]
     assert versions[0] == "1" and versions[-1] == "2"
     assert versions == sorted(versions), "never back to the old model once the new one serves"
-    assert (await client.get("/model")).json()["version"] == "2"
 
 
 async def test_registry_down_while_serving_keeps_the_model(client: httpx.AsyncClient, source: FakeSource) -> None:
+    failures = metric((await client.get("/metrics")).text, "model_load_failures_total")
     source.fail = True
-    await asyncio.sleep(0.3)
+    await until(lambda: failed_loads(client, more_than=failures + 1))  # two polls failed while serving
     response = await client.post("/predict", files={"file": ("a.png", GREEN)})
     assert response.status_code == 200 and response.json()["model"]["version"] == "1"
     assert (await client.get("/health/ready")).status_code == 200
     source.fail = False
     source.version = "5"
-    for _ in range(100):
-        if (await client.get("/model")).json()["version"] == "5":
-            break
-        await asyncio.sleep(0.02)
-    assert (await client.get("/model")).json()["version"] == "5"
+    await until(lambda: served_version(client, "5"))
 
 
 async def test_unknown_route_is_json(client: httpx.AsyncClient) -> None:
@@ -384,6 +430,34 @@ async def test_cors_closed_by_default(client: httpx.AsyncClient) -> None:
         "/predict", headers={"origin": "https://evil.example", "access-control-request-method": "POST"}
     )
     assert "access-control-allow-origin" not in response.headers
+    answer = await client.post("/predict", files={"file": ("a.png", GREEN)}, headers={"origin": "https://evil.example"})
+    assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
+
+
+async def test_cors_origins_from_the_environment_are_allowed_and_no_others(
+    api_settings: ApiSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """API_CORS_ORIGINS turns CORS on for exactly the origins it lists."""
+    monkeypatch.setenv("API_CORS_ORIGINS", '["https://app.example"]')
+    settings = api_settings.model_copy(update={"cors_origins": ApiSettings().cors_origins})
+    assert settings.cors_origins == ["https://app.example"]
+    async with serving(settings, FakeSource()) as client:
+        preflight = {"access-control-request-method": "POST"}
+        allowed = await client.options("/predict", headers={"origin": "https://app.example", **preflight})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+        assert "POST" in allowed.headers["access-control-allow-methods"]
+        refused = await client.options("/predict", headers={"origin": "https://evil.example", **preflight})
+        assert refused.status_code == 400 and "access-control-allow-origin" not in refused.headers
+        answer = await client.post(
+            "/predict", files={"file": ("a.png", GREEN)}, headers={"origin": "https://app.example"}
+        )
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "https://app.example"
+        other = await client.post(
+            "/predict", files={"file": ("a.png", GREEN)}, headers={"origin": "https://evil.example"}
+        )
+        assert other.status_code == 200 and "access-control-allow-origin" not in other.headers
 
 
 async def test_started_where_no_model_was_registered_it_says_so_and_creates_nothing(
@@ -422,9 +496,12 @@ async def test_the_concurrency_limit_refuses_requests_but_never_probes(api_setti
     settings = api_settings.model_copy(update={"limit_concurrency": 2})
     app = create_app(settings, source=FakeSource())
     release = asyncio.Event()
+    reading = 0
 
     async def slow_body():
+        nonlocal reading
         yield b'{"inputs": '
+        reading += 1  # the app asked for the rest of the body: the request is in progress
         await release.wait()
         yield orjson.dumps([np.full((224, 224, 3), 0.5).tolist()]) + b"}"
 
@@ -435,9 +512,10 @@ async def test_the_concurrency_limit_refuses_requests_but_never_probes(api_setti
             headers = {"content-type": "application/json"}
             held = [asyncio.create_task(client.post("/invocations", content=slow_body(), headers=headers))
                     for _ in range(2)]  # fmt: skip
-            await asyncio.sleep(0.2)
+            await eventually(lambda: reading == 2)  # both are in progress, their bodies half read
             refused = await client.post("/predict", files={"file": ("y.png", YELLOW)})
-            assert refused.status_code == 503 and refused.headers["retry-after"] == "1", refused.text
+            assert refused.status_code == 503, refused.text
+            assert refused.headers["retry-after"] == "1", refused.text
             assert refused.json()["error_code"] == "TEMPORARILY_UNAVAILABLE"
             for probe in ("/health/live", "/health/ready", "/ping", "/metrics"):
                 assert (await client.get(probe)).status_code == 200, probe

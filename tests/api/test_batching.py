@@ -7,19 +7,20 @@ import asyncio
 import io
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import httpx
 import numpy as np
 import orjson
 import pytest
 from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 from PIL import Image
 
 from services.api.app import create_app
 from services.api.runtime import LoadedModel
 from services.api.settings import ApiSettings
-from tests.api.conftest import wait_ready
+from tests.api.conftest import eventually, wait_ready
 from tests.api.fakes import FakeSource
 
 N = 12
@@ -82,23 +83,37 @@ def source() -> SlowSource:
 
 
 @pytest.fixture
-async def served(api_settings: ApiSettings, source: SlowSource) -> AsyncIterator[httpx.AsyncClient]:
-    """Like ``client``, but a 500 reaches the test as a response (as over a socket), not as a raise."""
+async def served(api_settings: ApiSettings, source: SlowSource) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The app and a client to it; a 500 reaches the test as a response (as over a socket), not as a raise."""
     app = create_app(api_settings, source=source)
     async with LifespanManager(app) as manager:
         transport = httpx.ASGITransport(app=manager.app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
             await wait_ready(client)
-            yield client
+            yield app, client
 
 
-async def test_concurrent_invocations_get_exactly_their_own_answers(client: httpx.AsyncClient, source) -> None:
+async def all_queued_then_run(app: FastAPI, source: SlowSource, requests: list[Awaitable[httpx.Response]]):
+    """Hold the model until every request waits in the batcher (one held in a pass, the rest queued), then let
+    it run: the requests are concurrent by construction, not by the machine's timing."""
+    batcher = app.state.classifier.batcher
+    source.gate.clear()
+    tasks = [asyncio.ensure_future(request) for request in requests]
+    try:
+        await eventually(lambda: batcher._queue._unfinished_tasks == len(tasks), timeout_s=30)
+    finally:
+        source.gate.set()
+    return await asyncio.gather(*tasks)
+
+
+async def test_concurrent_invocations_get_exactly_their_own_answers(served, source) -> None:
+    app, client = served
     bodies = [invocation(x) for x in images()]
     alone = [(await invoke(client, body)).json()["predictions"] for body in bodies]
     assert set(source.calls_per_batch) == {1}
     source.calls_per_batch.clear()
 
-    together = await asyncio.gather(*(invoke(client, body) for body in bodies))
+    together = await all_queued_then_run(app, source, [invoke(client, body) for body in bodies])
 
     assert all(r.status_code == 200 for r in together), [r.text[:200] for r in together]
     assert [r.json()["predictions"] for r in together] == alone  # exactly, in the order asked
@@ -107,19 +122,20 @@ async def test_concurrent_invocations_get_exactly_their_own_answers(client: http
     assert len({tuple(p[0]) for p in alone}) == N  # and the images really were all different
 
 
-async def test_concurrent_uploads_get_exactly_their_own_answers(client: httpx.AsyncClient, source) -> None:
+async def test_concurrent_uploads_get_exactly_their_own_answers(served, source) -> None:
+    app, client = served
     pngs = [as_png(x) for x in images()]
     alone = [(await upload(client, png)).json()["probabilities"] for png in pngs]
     source.calls_per_batch.clear()
 
-    together = await asyncio.gather(*(upload(client, png) for png in pngs))
+    together = await all_queued_then_run(app, source, [upload(client, png) for png in pngs])
 
     assert [r.json()["probabilities"] for r in together] == alone
     assert max(source.calls_per_batch) > 1, source.calls_per_batch
 
 
-async def test_a_failing_item_does_not_fail_its_batch_mates(served: httpx.AsyncClient, source) -> None:
-    client = served
+async def test_a_failing_item_does_not_fail_its_batch_mates(served, source) -> None:
+    app, client = served
     xs = images()
     alone = [(await invoke(client, invocation(x))).json()["predictions"] for x in xs]
     poisoned = 5
@@ -127,7 +143,7 @@ async def test_a_failing_item_does_not_fail_its_batch_mates(served: httpx.AsyncC
     xs[poisoned][0, 0, 0] = source.poison_value = 0.123
     source.calls_per_batch.clear()
 
-    responses = await asyncio.gather(*(invoke(client, invocation(x)) for x in xs))
+    responses = await all_queued_then_run(app, source, [invoke(client, invocation(x)) for x in xs])
 
     assert responses[poisoned].status_code == 500
     assert set(responses[poisoned].json()) == {"error_code", "message"}
@@ -139,12 +155,13 @@ async def test_a_failing_item_does_not_fail_its_batch_mates(served: httpx.AsyncC
 
 
 @pytest.mark.parametrize("api_settings", [ApiSettings(max_batch_size=1, max_instances=8)])
-async def test_batching_off_still_answers_everyone(client: httpx.AsyncClient, source) -> None:
+async def test_batching_off_still_answers_everyone(served, source) -> None:
+    app, client = served
     bodies = [invocation(x) for x in images()]
     alone = [(await invoke(client, body)).json()["predictions"] for body in bodies]
     source.calls_per_batch.clear()
 
-    together = await asyncio.gather(*(invoke(client, body) for body in bodies))
+    together = await all_queued_then_run(app, source, [invoke(client, body) for body in bodies])
 
     assert [r.json()["predictions"] for r in together] == alone
     assert source.calls_per_batch == [1] * N
@@ -158,7 +175,7 @@ async def test_batch_size_is_capped(api_settings: ApiSettings, source) -> None:
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
             await wait_ready(client)
             source.calls_per_batch.clear()
-            responses = await asyncio.gather(*(invoke(client, invocation(x)) for x in images()))
+            responses = await all_queued_then_run(app, source, [invoke(client, invocation(x)) for x in images()])
     assert all(r.status_code == 200 for r in responses)
     assert max(source.calls_per_batch) == 4 and sum(source.calls_per_batch) == N
 
@@ -211,7 +228,9 @@ async def test_a_pass_failing_after_its_caller_gave_up_does_not_stop_the_batcher
             x = images(1)[0].copy()
             x[0, 0, 0] = source.poison_value = 0.123
             assert (await invoke(client, invocation(x))).status_code == 504
-            await asyncio.sleep(0.8)  # the pass fails now, with nobody waiting for it
+            batcher = app.state.classifier.batcher
+            # The pass fails later, with nobody waiting for it: until then it holds the queue's one task.
+            await eventually(lambda: source.calls_per_batch and batcher._queue._unfinished_tasks == 0)
             assert not app.state.classifier.batcher._worker.done()
             source.delay_s = 0.0
             after = await invoke(client, invocation(images(1)[0]))

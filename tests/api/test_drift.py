@@ -7,7 +7,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import ImageEnhance
+from PIL import Image, ImageEnhance
 
 from services.api.drift import DriftMonitor
 from services.api.settings import ApiSettings
@@ -63,17 +63,32 @@ async def test_darkened_photos_move_the_gauge_and_normal_ones_do_not(reference: 
     assert dark["width"] < 0.1 and dark["height"] < 0.1  # same sizes
 
 
+def flat_png(rgb: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), rgb).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+UNSURE = flat_png((140, 140, 51))
+"""The fake model's P(dandelion) is ~0.5 on this olive: confidence ~0.5."""
+SURE = flat_png((102, 102, 102))
+"""Grey: P(grass) ~0.985."""
+
+
 async def test_a_model_without_reference_exports_no_drift_but_still_the_confidence_share(tmp_path) -> None:
-    settings = ApiSettings(prediction_log=False, drift_window=10, drift_min_samples=5, low_confidence_threshold=0.99)
+    """A known mix, 3 unsure answers of 10, makes the gauge 0.3 (the share below the threshold, not above)."""
+    settings = ApiSettings(prediction_log=False, drift_window=10, drift_min_samples=5, low_confidence_threshold=0.7)
     async with serving(settings, FakeSource()) as (app, client):
-        for seed in range(6):
-            await client.post("/predict", files={"file": ("g.jpg", crafted_jpeg("grass", seed))})
+        confidences = []
+        for photo in [UNSURE] * 3 + [SURE] * 7:
+            confidences.append((await client.post("/predict", files={"file": ("x.png", photo)})).json()["confidence"])
         await app.state.classifier.drain()
         text = (await client.get("/metrics")).text
+    assert [c < 0.7 for c in confidences] == [True] * 3 + [False] * 7, confidences
+    assert max(confidences[:3]) < 0.55 and min(confidences[3:]) > 0.95
     assert psi_by_feature(text) == {}
-    assert metric(text, "model_drift_window_samples") == 6
-    share = metric(text, "model_low_confidence_share")
-    assert share is not None and 0.0 <= share <= 1.0
+    assert metric(text, "model_drift_window_samples") == 10
+    assert metric(text, "model_low_confidence_share") == pytest.approx(0.3)
 
 
 def test_monitor_window_is_a_ring_and_the_scores_equal_shared_drift(reference: Reference) -> None:

@@ -46,3 +46,16 @@ def test_alert_rules_cover_the_issue() -> None:
         assert rule["labels"]["severity"] in {"critical", "warning", "info"}, name
         assert rule["annotations"]["summary"], name
         assert rule["annotations"]["description"], name
+
+
+def test_every_alert_has_a_unit_case_that_fires_and_one_that_does_not() -> None:
+    """A rule whose threshold or comparison is wrong fails ``promtool test rules`` only if a case expects it to
+    fire (too lenient) and another expects silence (too eager): each alert needs both."""
+    alerts = {rule["alert"] for group in load_yaml(ALERTS_PATH)["groups"] for rule in group["rules"]}
+    tests = load_yaml(PROMETHEUS_DIR / "alerts.test.yml")["tests"]
+    cases = [case for test in tests for case in test["alert_rule_test"]]
+    fires = {case["alertname"] for case in cases if case.get("exp_alerts")}
+    silent = {case["alertname"] for case in cases if not case.get("exp_alerts")}
+    assert alerts - fires == set(), "alerts without a case that fires"
+    assert alerts - silent == set(), "alerts without a case that stays silent"
+    assert (fires | silent) - alerts == set(), "cases for alerts that do not exist"

@@ -25,8 +25,9 @@ from services.api.settings import ApiSettings
 from services.api.uploads import safe_filename
 from tests.api.conftest import wait_ready
 from tests.api.fakes import FakeSource
+from tests.api.process import api_process
 from tests.conftest import ARTIFACTS, api_env
-from tests.servers import free_port, running
+from tests.servers import free_port, running, wait_until
 
 
 def jpeg() -> bytes:
@@ -80,6 +81,13 @@ async def test_open_feedback_is_announced_and_limited_per_client(
         assert statuses[:5] == [201, 200, 200, 200, 200] and set(statuses[5:]) == {429}, statuses
         assert int(response.headers["retry-after"]) >= 1
         assert response.json()["error_code"] == "TOO_MANY_REQUESTS"
+        # Another client (another address) has a bucket of its own: the first one's flood costs it nothing.
+        other = httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app, client=("192.0.2.7", 4000)),
+                                  base_url="http://api")  # fmt: skip
+        async with other:
+            body = {"prediction_id": answer["id"], "label": "grass"}
+            theirs = [(await other.post("/feedback", json=body)).status_code for _ in range(6)]
+        assert theirs[:5] == [200] * 5 and theirs[5] == 429, theirs
     finally:
         await client.aclose()
         await manager.__aexit__(None, None, None)
@@ -180,6 +188,7 @@ async def test_too_many_or_too_large_headers_are_refused(client: httpx.AsyncClie
     assert (await client.get("/health/live", headers={"x-ok": "a" * 1000})).status_code == 200
 
 
+@pytest.mark.slow  # trains the real champion
 def test_slow_bodies_time_out_and_the_process_keeps_its_limits(real_champion) -> None:
     """A slow-body client gets 408 after API_BODY_READ_TIMEOUT_S and is disconnected; a 1 MB header and
     100,000 headers are refused; a Host header is never reflected; memory stays put under the probe's bodies."""
@@ -237,6 +246,60 @@ async def test_allowed_hosts_refuse_others(api_settings: ApiSettings) -> None:
     finally:
         await client.aclose()
         await manager.__aexit__(None, None, None)
+
+
+def _modelless_api_env(**extra: str) -> dict[str, str]:
+    """A real API process whose registry does not answer: live, never ready, enough for /feedback's limiter
+    (which runs before anything needs a model or the prediction log)."""
+    return {
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
+        "API_PREDICTION_LOG": "false",
+        "API_RETRY_INITIAL_S": "5",
+        "API_FEEDBACK_RATE_PER_MINUTE": "1",
+        **extra,
+    }
+
+
+def _feedback_as(url: str, forwarded_for: str) -> int:
+    body = {"prediction_id": "not-an-id", "label": "grass"}  # 400 when let through, 429 when limited
+    return httpx.post(f"{url}/feedback", json=body, headers={"x-forwarded-for": forwarded_for}).status_code
+
+
+@pytest.mark.parametrize(("allow", "believed"), [("127.0.0.1", True), ("192.0.2.1", False), (None, False)])
+def test_forwarded_headers_are_believed_only_from_the_allowed_proxies(allow: str | None, believed: bool) -> None:
+    """API_FORWARDED_ALLOW_IPS: from an allowed proxy (the test is its peer, 127.0.0.1) X-Forwarded-For names the
+    client, so two forwarded clients have a feedback bucket each; from anyone else the header is ignored and
+    both are the TCP peer, sharing one bucket."""
+    extra = {"API_FORWARDED_ALLOW_IPS": allow} if allow is not None else {}
+    with api_process(_modelless_api_env(**extra), ARTIFACTS / "api-forwarded.log", wait_ready=False) as url:
+        assert [_feedback_as(url, "203.0.113.1") for _ in range(2)] == [400, 429]
+        assert _feedback_as(url, "203.0.113.2") == (400 if believed else 429)
+
+
+def test_api_workers_runs_that_many_processes() -> None:
+    """API_WORKERS=2: two worker processes under the supervisor, answering on the one port."""
+    env = _modelless_api_env(API_WORKERS="2")
+    argv = [sys.executable, "-m", "services.api", "--host", "127.0.0.1", "--port", str(port := free_port())]
+    url = f"http://127.0.0.1:{port}"
+
+    def children(pid: int) -> list[int]:
+        """The supervisor's worker processes (not multiprocessing's resource tracker)."""
+        found = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return [c for c in found if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+    def workers_serving() -> bool:  # every worker's server started (uvicorn logs each one's pid)
+        started = log.read_text(errors="replace")
+        workers = children(process.pid)
+        return len(workers) >= 2 and all(f"Started server process [{w}]" in started for w in workers)
+
+    log = ARTIFACTS / "api-workers.log"
+    with running(argv, ready=lambda: httpx.get(f"{url}/health/live", timeout=2).status_code == 200, log=log,
+                 env=env, what="the API with 2 workers") as process:  # fmt: skip
+        wait_until(workers_serving, process, 120, log, "two serving workers")
+        workers = children(process.pid)
+        assert httpx.get(f"{url}/health/live").status_code == 200
+        assert httpx.get(f"{url}/health/ready").status_code == 503  # no model anywhere: not ready
+    assert len(workers) == 2, workers
 
 
 # ---------------------------------------------------------------- 8. protocol and exposure

@@ -110,6 +110,8 @@ async def count_images(database: DatabaseSettings) -> tuple[int, int]:
 
 
 def test_database_connection_dropped_between_runs(stack_settings: TrainerSettings, tmp_path: Path) -> None:
+    """Every connection reset between two runs: the second run neither fails nor duplicates. Each run opens an
+    engine of its own, so this holds without ``pool_pre_ping``; the test below is the one that needs it."""
     folder = write_crafted_folder(tmp_path / "crafted", per_class=30)
     proxy = TcpProxy("127.0.0.1", MYSQL_PORT).start()
     try:

@@ -140,8 +140,13 @@ def test_http_ingest_with_missing_indices_a_corrupt_file_and_retries(
 
 def test_unreachable_source_fails_with_one_line(stack_settings: TrainerSettings, capsys) -> None:
     dead = f"http://127.0.0.1:{free_port()}/data"
-    with pytest.raises(SourceError, match="unreachable"):
+    with pytest.raises(SourceError, match="unreachable") as raised:
         asyncio.run(ingest(stack_settings, dead, per_class=5, progress=False))
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(f"source {dead} is unreachable"), message
+    assert "--source" in message and "Traceback" not in message  # and what to do instead
+    printed = capsys.readouterr()
+    assert (printed.out, printed.err) == ("", ""), "nothing but the one line: no per-file noise"
 
 
 def test_cli_exit_codes(stack_settings: TrainerSettings, monkeypatch, capsys, tmp_path: Path, data_dir: Path) -> None:
@@ -172,6 +177,56 @@ def test_rows_only_for_objects(stack_settings: TrainerSettings, data_dir: Path) 
             return n_rows, len(await store.list("raw/"))
 
     assert asyncio.run(counts()) == (20, 20)
+
+
+class _FailingPut:
+    """The real store, whose ``fail_at``-th put fails after ``delay_s``: long enough for a row written before
+    its object to be committed (rows are written at once here: TRAINER_INGEST_BATCH_ROWS=1)."""
+
+    def __init__(self, store, fail_at: int, delay_s: float) -> None:
+        self.store, self.fail_at, self.delay_s = store, fail_at, delay_s
+        self.puts = 0
+        self.failed_key: str | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.puts += 1
+        if self.puts == self.fail_at:
+            self.failed_key = key
+            await asyncio.sleep(self.delay_s)
+            raise ObjectStoreError(f"injected: storing {key} failed")
+        await self.store.put(key, data, content_type=content_type)
+
+
+def test_no_row_for_an_object_that_failed_to_store(
+    stack_settings: TrainerSettings, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store fails on one object mid-run: the run fails, and no row names that object (a row is written
+    only after its object is stored)."""
+    import contextlib
+
+    import services.trainer.ingest as ingest_module
+
+    failing: list[_FailingPut] = []
+
+    @contextlib.asynccontextmanager
+    async def store_failing_once(settings, **kwargs):
+        async with open_store(settings, **kwargs) as store:
+            failing.append(_FailingPut(store, fail_at=5, delay_s=1.0))
+            yield failing[-1]
+
+    monkeypatch.setattr(ingest_module, "open_store", store_failing_once)
+    settings = stack_settings.model_copy(update={"ingest_batch_rows": 1, "download_concurrency": 2})
+    with pytest.raises(ObjectStoreError, match="injected"):
+        asyncio.run(ingest(settings, str(data_dir), per_class=10, progress=False))
+    (store,) = failing
+    assert store.failed_key is not None
+    rows, keys = asyncio.run(table_and_bucket(stack_settings))
+    assert store.failed_key not in {r.object_key for r in rows}, "a row for an object that was never stored"
+    assert {r.object_key for r in rows} <= set(keys), "a row without its object"
+    assert store.failed_key not in keys
 
 
 def _proxied(settings: TrainerSettings, s3: TcpProxy | None = None, db: TcpProxy | None = None) -> TrainerSettings:

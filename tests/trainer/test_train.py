@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.pyfunc import scoring_server
 
 from services.trainer.export import run_litert
-from services.trainer.registry import Champion, decide
+from services.trainer.registry import AUC_TIE_BREAK_MARGIN, Champion, decide
 from services.trainer.settings import TrainerSettings
 from services.trainer.train import train_and_register
 from shared.images import preprocess
@@ -185,3 +185,52 @@ def test_gate(accuracy, auc, current, force, promote, why) -> None:
     decision = decide(accuracy, auc, current, floor=0.8, min_gain=0.0, force=force)
     assert decision.promote is promote
     assert why in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("accuracy", "auc", "promote"),
+    [
+        (0.95, 0.9, False),  # better by 0.02: not by the 0.03 asked
+        (0.9601, 0.9, True),  # better by just over 0.03
+        (0.93, 0.99, False),  # a tie: the ROC AUC tie-break is for min_gain 0 only
+        (0.92, 0.99, False),
+    ],
+)
+def test_gate_with_a_minimum_gain(accuracy, auc, promote) -> None:
+    decision = decide(accuracy, auc, champion(0.93), floor=0.8, min_gain=0.03, force=False)
+    assert decision.promote is promote, decision.reason
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("accuracy", [0.5, 0.95, 0.91])
+def test_every_gate_decision_names_the_champion_it_was_measured_against(accuracy: float, force: bool) -> None:
+    decision = decide(accuracy, 0.9, champion(0.93), floor=0.8, min_gain=0.0, force=force)
+    assert (decision.champion_version, decision.champion_accuracy) == ("3", 0.93), decision
+    first = decide(accuracy, 0.9, None, floor=0.8, min_gain=0.0, force=force)
+    assert (first.champion_version, first.champion_accuracy) == (None, None)
+
+
+def test_gate_boundaries_and_reasons() -> None:
+    assert decide(0.8, 0.9, None, floor=0.8, min_gain=0.0, force=False).promote  # the floor itself passes
+    assert decide(0.5, 0.5, None, floor=0.8, min_gain=0.0, force=True).reason == "forced by the operator (--force)"
+    at_margin = champion(0.93, 0.9).roc_auc + AUC_TIE_BREAK_MARGIN
+    assert not decide(0.93, at_margin, champion(0.93, 0.9), floor=0.8, min_gain=0.0, force=False).promote
+    assert decide(0.93, at_margin + 1e-9, champion(0.93, 0.9), floor=0.8, min_gain=0.0, force=False).promote
+    rejected = decide(0.91, 0.95, champion(0.93, 0.9), floor=0.8, min_gain=0.0, force=False).reason
+    assert rejected == (
+        "does not beat champion v3 on the same test split: accuracy 0.9100 vs 0.9300, ROC AUC 0.9500 vs 0.9000"
+    )
+    below = decide(0.7, 0.9, champion(0.93), floor=0.8, min_gain=0.0, force=False).reason
+    assert below == "test accuracy 0.7000 is below the floor 0.8000"
+
+
+def test_trainer_promotion_min_gain_reaches_the_gate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRAINER_PROMOTION_MIN_GAIN is what the gate is given (services.trainer.train passes the setting)."""
+    monkeypatch.setenv("TRAINER_PROMOTION_MIN_GAIN", "0.05")
+    settings = TrainerSettings()
+    assert settings.promotion_min_gain == 0.05
+    gain_of_004 = decide(0.97, 0.9, champion(0.93), settings.promotion_floor, settings.promotion_min_gain, False)
+    assert not gain_of_004.promote
+    monkeypatch.delenv("TRAINER_PROMOTION_MIN_GAIN")
+    default = TrainerSettings()
+    assert decide(0.97, 0.9, champion(0.93), default.promotion_floor, default.promotion_min_gain, False).promote
