@@ -51,10 +51,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.trainer.features import build_features
     from services.trainer.ingest import ingest
-    from services.trainer.quiet import import_tensorflow
     from services.trainer.settings import TrainerSettings
     from services.trainer.train import fit, load, out_of_domain_features
     from shared.labels import LABELS
+    from shared.quiet import import_tensorflow
     from shared.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
 
     base = TrainerSettings(
