@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
             "repeat for several (default: DATA_SOURCE)",
         )
         p.add_argument(
-            "--per-class", type=int, help="indices per label to try (HTTP); a limit per label (folder: all by default)"
+            "--per-class",
+            type=int,
+            help="indices per label to try (HTTP); a limit per subfolder (folder: all by default)",
         )
         p.add_argument("--from-feedback", action="store_true", help=feedback_help)
 

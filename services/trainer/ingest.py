@@ -163,9 +163,9 @@ async def ingest(
 
 def _explain_limits(reader: Reader, report: IngestReport) -> None:
     if isinstance(reader, FolderSource):
-        for label, n in sorted(reader.left_out.items()):
+        for kind, n in sorted(reader.left_out.items()):
             report.notes.append(
-                f"{reader.name}: {n} {label} photos left out by the limit of {reader.per_label} per label"
+                f"{reader.name}: {n} {kind} photos left out by the limit of {reader.per_label} per subfolder"
             )
     elif isinstance(reader, HttpSource):
         for label in sorted(reader.last_index_found):

@@ -85,7 +85,7 @@ class FolderSource:
         self.name = name
         self.per_label = per_label
         self.left_out: dict[str, int] = {}
-        """Files a ``per_label`` limit left out, by label (shown in the summary)."""
+        """Files a ``per_label`` limit left out, by subfolder (shown in the summary)."""
 
     def _folders(self) -> Iterator[tuple[str, str, Path]]:
         for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -100,14 +100,13 @@ class FolderSource:
                 "download the upstream photos"
             )
         found: list[Candidate] = []
-        taken: dict[str, int] = {}
         for label, kind, folder in self._folders():
+            # The limit is per subfolder: each class, and each kind of photo of neither (daisy/, rose/, ...),
+            # so a limit never leaves a kind out because another one sorts before it.
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            room = None if self.per_label is None else max(0, self.per_label - taken.get(label, 0))
-            kept = files if room is None else files[:room]
+            kept = files if self.per_label is None else files[: self.per_label]
             if len(kept) < len(files):
-                self.left_out[label] = self.left_out.get(label, 0) + len(files) - len(kept)
-            taken[label] = taken.get(label, 0) + len(kept)
+                self.left_out[kind] = len(files) - len(kept)
             found.extend(Candidate(label, str(p.resolve()), kind, self.name) for p in kept)
         if not any(c.label in LABELS for c in found):
             raise SourceError(

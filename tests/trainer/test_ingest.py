@@ -330,6 +330,18 @@ def test_a_folder_gives_all_its_photos_and_a_limit_says_what_it_left_out(
     assert (everything.new, everything.duplicate) == (20, 400) and "note" not in everything.summary()
 
 
+def test_a_limit_counts_each_kind_of_neither_on_its_own(stack_settings: TrainerSettings, tmp_path: Path) -> None:
+    """--per-class 2 on a folder with daisy/ and rose/: two of each (the limit once took both from daisy/, the
+    first by name, and left the model without a single rose)."""
+    from tests.crafted import write_crafted_folder
+
+    folder = write_crafted_folder(tmp_path / "garden", per_class=3, refused={"daisy": 3, "rose": 3})
+    report = asyncio.run(ingest(stack_settings, str(folder), per_class=2, progress=False))
+    rows, _ = asyncio.run(table_and_bucket(stack_settings))
+    assert Counter(r.kind for r in rows) == {"dandelion": 2, "grass": 2, "daisy": 2, "rose": 2}
+    assert "1 rose photos left out by the limit of 2 per subfolder" in report.summary()
+
+
 def test_several_sources_are_named_and_recorded(stack_settings: TrainerSettings, tmp_path: Path, mirror) -> None:
     from tests.crafted import write_crafted_folder
 
