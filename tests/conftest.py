@@ -19,6 +19,9 @@ from tests.servers import VENV_BIN, free_port, running, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("DANDELION_DATA_DIR", REPO.parent / "shared" / "data" / "dandelion-grass")).resolve()
+FLOWERS_DIR = Path(os.environ.get("DANDELION_FLOWERS_DIR", DATA_DIR.parent / "flowers")).resolve()
+FLOWERS_TRAINED = 100
+"""Photos of each flower folder the real champion is trained on (the first, by name); the rest are unseen."""
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS_DIR", REPO / "var" / "test-artifacts"))
 MYSQL_HOST, MYSQL_PORT = "127.0.0.1", int(os.environ.get("TEST_MYSQL_PORT", "3306"))
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -192,11 +195,23 @@ def registry_settings(mlflow_server: str, s3_endpoint: str) -> RegistrySettings:
 
 
 @pytest.fixture(scope="session")
-def real_champion(databases: Databases, s3_endpoint: str, mlflow_server: str, data_dir: Path, tmp_path_factory):
-    """A model trained on the real photos, registered on the real tracking server behind ``champion``.
+def flowers_dir() -> Path:
+    kinds = ("dandelion", "daisy", "rose", "sunflower", "tulip")
+    if not all((FLOWERS_DIR / kind).is_dir() for kind in kinds):
+        raise RuntimeError(f"the second photo source is not at {FLOWERS_DIR}; set DANDELION_FLOWERS_DIR")
+    return FLOWERS_DIR
 
-    The production recipe (pretrained backbone, head, cross-validation) and code path: ingest -> features ->
-    train -> register -> gate.
+
+@pytest.fixture(scope="session")
+def real_champion(
+    databases: Databases, s3_endpoint: str, mlflow_server: str, data_dir: Path, flowers_dir: Path, tmp_path_factory
+):
+    """A model trained on real photos, registered on the real tracking server behind ``champion``: the 320
+    dandelion and grass photos, and the first :data:`FLOWERS_TRAINED` of each folder of the second source
+    (dandelions, and daisies, roses, sunflowers and tulips to refuse).
+
+    The production recipe (pretrained backbone, head, cross-validation, calibration, in-domain scores) and code
+    path: ingest -> features -> embed -> train -> register -> gate.
     """
     import asyncio
 
@@ -222,6 +237,7 @@ def real_champion(databases: Databases, s3_endpoint: str, mlflow_server: str, da
         promotion_floor=0.9,
     )
     asyncio.run(ingest(settings, progress=False))
+    asyncio.run(ingest(settings, [f"flowers={flowers_dir}"], per_class=FLOWERS_TRAINED, progress=False))
     asyncio.run(build_features(settings, progress=False))
     result = train_and_register(settings, progress=False)
     assert result.decision.promote, result.decision.reason

@@ -22,7 +22,7 @@ from mlflow.pyfunc.scoring_server.client import ScoringServerClient
 
 from shared.images import preprocess
 from tests.api.process import api_process
-from tests.conftest import ARTIFACTS, api_env
+from tests.conftest import ARTIFACTS, FLOWERS_TRAINED, api_env
 from tests.servers import VENV_BIN, TcpProxy, free_port, running
 
 pytestmark = pytest.mark.slow
@@ -120,6 +120,103 @@ def test_the_real_champion_says_when_a_photo_is_neither(api: str, data_dir: Path
     response = post(api, {"inputs": x})
     assert list(response.json()) == ["predictions"]
     assert response.headers["x-in-domain"].split(",")[2] == "false"
+
+
+def unseen(folder: Path, n: int) -> list[Path]:
+    """Photos of ``folder`` the real champion was not trained on (it saw the first FLOWERS_TRAINED by name)."""
+    return sorted(folder.glob("*.jpg"))[FLOWERS_TRAINED:][::7][:n]
+
+
+def test_the_real_champion_refuses_other_flowers_and_knows_dandelions_of_another_source(
+    api: str, flowers_dir: Path, real_champion
+) -> None:
+    """Daisies, roses, sunflowers and tulips it was not trained on are flagged, as other flowers, about as often as
+    the run's cross-validation said they would be (each kind within a binomial margin of its logged rate); the
+    other source's dandelions (many seed heads) are dandelions."""
+    _, result = real_champion
+    caught, as_flower, expected = {}, {}, {}
+    for kind in ("daisy", "rose", "sunflower", "tulip"):
+        answers = [predict(api, path) for path in unseen(flowers_dir / kind, 12)]
+        caught[kind] = sum(a["in_domain"] is False for a in answers)
+        as_flower[kind] = sum(a["out_of_domain_reason"] == "looks_like_refused_kind" for a in answers)
+        for answer in answers:
+            assert answer["label"] in ("dandelion", "grass")  # nothing hidden
+            assert (answer["out_of_domain_reason"] is None) is answer["in_domain"], answer
+        rate = result.metrics[f"domain_caught_{kind}"]
+        expected[kind] = round(rate * 12, 1)
+        assert abs(caught[kind] - 12 * rate) <= 3 * (12 * rate * (1 - rate)) ** 0.5 + 1, (kind, caught, expected)
+    assert sum(caught.values()) >= 0.6 * 48, (caught, expected)
+    assert sum(as_flower.values()) >= 0.8 * sum(caught.values()), as_flower  # known as flowers, not as oddities
+    dandelions = [predict(api, path) for path in unseen(flowers_dir / "dandelion", 20)]
+    right = sum(a["label"] == "dandelion" and a["in_domain"] for a in dandelions)
+    assert right >= 15, [(a["label"], a["in_domain"], a["out_of_domain_reason"]) for a in dandelions]
+
+
+def predict(api: str, path: Path, **params: str) -> dict:
+    response = httpx.post(
+        f"{api}/predict", params=params, files={"file": (path.name, path.read_bytes(), "image/jpeg")}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def yellow_cells(path: Path, grid: int) -> np.ndarray:
+    """Share of strongly yellow pixels (dandelion heads) in each cell of a ``grid`` x ``grid`` split of what the
+    model sees (the preprocessed 224 x 224 image)."""
+    from PIL import Image
+
+    x = preprocess(path.read_bytes())
+    hsv = np.asarray(Image.fromarray((x * 255).astype(np.uint8)).convert("HSV"), np.float32)
+    hue, saturation, value = hsv[..., 0] * 360 / 255, hsv[..., 1] / 255, hsv[..., 2] / 255
+    yellow = (hue > 40) & (hue < 70) & (saturation > 0.5) & (value > 0.5)
+    side = 224 // grid
+    cropped = yellow[: side * grid, : side * grid]
+    return cropped.reshape(grid, side, grid, side).mean(axis=(1, 3))
+
+
+def test_why_points_at_the_flowers(api: str, data_dir: Path) -> None:
+    """For dandelion answers, the activation map's evidence sits on the yellow flower heads: the cells with the
+    most yellow carry more evidence than the cells with none, on most photos with some of each."""
+    checked = agreed = 0
+    for path in sorted((data_dir / "dandelion").glob("*.jpg")):
+        answer = predict(api, path, explain="true")
+        explain = answer["explain"]
+        grid = explain["grid"][0]
+        assert explain["grid"] == [grid, grid] and explain["png"].startswith("data:image/png;base64,")
+        assert explain["for"] == answer["label"]
+        yellow = yellow_cells(path, grid)
+        if answer["label"] != "dandelion" or not (yellow > 0.25).any() or not (yellow == 0).any():
+            continue
+        evidence = np.asarray(explain["evidence"])
+        checked += 1
+        agreed += evidence[yellow > 0.25].mean() > evidence[yellow == 0].mean()
+        if checked == 30:
+            break
+    assert checked >= 20 and agreed >= 0.8 * checked, (checked, agreed)
+    plain = predict(api, path)
+    assert "explain" not in plain or plain["explain"] is None  # only when asked
+
+    # A lawn has no one place that makes it grass: its evidence is spread, a dandelion's is gathered.
+    def concentration(label: str) -> float:
+        shares = []
+        for path in sorted((data_dir / label).glob("*.jpg"))[:20]:
+            answer = predict(api, path, explain="true")
+            if answer["label"] == label:
+                positive = np.clip(np.asarray(answer["explain"]["evidence"]).ravel(), 0, None)
+                shares.append(np.sort(positive)[::-1][: positive.size // 10].sum() / max(positive.sum(), 1e-9))
+        assert len(shares) >= 15, label
+        return float(np.mean(shares))
+
+    flower, lawn = concentration("dandelion"), concentration("grass")
+    assert flower > lawn, (flower, lawn)  # the share of the evidence in the top tenth of the cells
+
+
+def test_the_model_card_of_the_served_version(api: str, real_champion) -> None:
+    _, result = real_champion
+    response = httpx.get(f"{api}/model/card")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/markdown")
+    card = response.text
+    assert f"v{result.version}" in card and "daisy" in card and "flowers" in card
 
 
 def test_model_endpoint_describes_the_champion(api: str, real_champion) -> None:
