@@ -279,6 +279,10 @@ class Cell:
         }
 
 
+EXPLAIN = "/predict?explain=true"
+"""``/predict`` asked for the class activation map as well."""
+
+
 def _request(endpoint: str, stream: Stream) -> tuple[list[bytes], str]:
     if endpoint == "/invocations":
         return stream.json_bodies, "application/json"
@@ -409,9 +413,9 @@ def run(registry: Registry, data: Path, work: Path, plan: Plan, log: Callable[[s
     cells: list[Cell] = []
     servers: dict[str, Server] = {}
 
-    def measure(server: Server, endpoint: str, max_requests: int) -> None:
+    def measure(server: Server, endpoint: str, max_requests: int, up_to: int | None = None) -> None:
         warm_up(server.url, endpoint, stream)
-        for c in plan.concurrencies:
+        for c in (c for c in plan.concurrencies if up_to is None or c <= up_to):
             cell = asyncio.run(load(server.url, server.name, endpoint, stream, c, max_requests, plan.max_seconds))
             log(f"  {server.name} {endpoint} c={c}: {cell.throughput:.1f} req/s, p50 {cell.percentile(50):.1f} ms")
             cells.append(cell)
@@ -429,6 +433,7 @@ def run(registry: Registry, data: Path, work: Path, plan: Plan, log: Callable[[s
         runtime = httpx.get(f"{ours.url}/model").json().get("runtime", "?")
         measure(ours, "/invocations", plan.max_requests)
         measure(ours, "/predict", plan.max_requests)
+        measure(ours, EXPLAIN, plan.max_requests, up_to=8)  # the heat map's cost, at c=1 and c=8
         ours.finish_memory()
     log("our API with batching off ...")
     with running(api_server("ours no-batch", registry, work, API_MAX_BATCH_SIZE="1")) as unbatched:
@@ -514,6 +519,10 @@ def report(result: dict) -> str:
         lines.append(f"| /invocations throughput c={c}, ours / mlflow | {value:.1f} | {target} |")
         value = _ratio(ours and ours["p50_ms"], theirs and theirs["p50_ms"])
         lines.append(f"| /invocations p50 c={c}, ours / mlflow | {value:.3f} | |")
+    for c in (c for c in result["plan"]["concurrencies"] if c <= 8):
+        plain, explained = _cell(result, "ours", "/predict", c), _cell(result, "ours", EXPLAIN, c)
+        value = _ratio(explained and explained["p50_ms"], plain and plain["p50_ms"])
+        lines.append(f"| /predict p50 c={c}, with explain / without | {value:.2f} | |")
     predict1 = _cell(result, "ours", "/predict", 1)
     value = _ratio(predict1 and predict1["p50_ms"], f["decode_and_forward"])
     lines.append(f"| /predict p50 c=1 / floor | {value:.2f} | <= 1.5 |")

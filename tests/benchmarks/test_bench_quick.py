@@ -21,6 +21,7 @@ ROWS = [
     ("mlflow serve", "/invocations"),
     ("ours", "/invocations"),
     ("ours", "/predict"),
+    ("ours", "/predict?explain=true"),
     ("ours no-batch", "/predict"),
 ]
 
@@ -46,5 +47,7 @@ def test_quick_benchmark_prints_every_row_without_errors(real_champion, tmp_path
     assert set(report["servers"]) == {"mlflow serve", "ours", "ours no-batch"}
     for server, endpoint in ROWS:
         assert f"| {server} | {endpoint} | 8 |" in done.stdout
-    for line in ("/invocations throughput c=8, ours / mlflow", "/predict p50 c=1 / floor", "errors: 0"):
+    lines = ("/invocations throughput c=8, ours / mlflow", "/predict p50 c=1 / floor", "errors: 0",
+             "/predict p50 c=8, with explain / without")  # fmt: skip
+    for line in lines:
         assert line in done.stdout
