@@ -248,13 +248,15 @@ def photos_of(settings: TrainerSettings, data: TrainingData, index: np.ndarray) 
 
 
 def drift_reference(table, source: str) -> Reference:
-    """Decile bins of each descriptor over the training split of a feature set's table (or its
-    :class:`TrainingData`): what the API compares live inputs with."""
+    """Decile bins of each descriptor over the training split's photos of the two classes in a feature set's table
+    (or its :class:`TrainingData`): what the API compares live inputs with. The photos of kinds the model refuses
+    (daisies, roses, ...) are left out: they are what the model is taught to turn away, not what it expects."""
     if isinstance(table, TrainingData):
-        train = table.split == "train"
+        train = (table.split == "train") & table.served
         columns = {name: table.descriptors[name][train] for name in DESCRIPTOR_COLUMNS}
     else:
-        train = np.array(table["split"].to_pylist()) == "train"
+        split, label = np.array(table["split"].to_pylist()), np.array(table["label"].to_pylist())
+        train = (split == "train") & np.isin(label, LABELS)
         columns = {name: table[name].to_numpy()[train] for name in DESCRIPTOR_COLUMNS}
     return Reference.build(columns, f"{source} train split")
 

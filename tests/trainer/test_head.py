@@ -161,3 +161,22 @@ def test_the_learning_curve_fits_on_growing_shares_and_judges_the_same_held_out_
         right += int(np.sum(fitted.logits(data.views[0, served])[:, :2].argmax(axis=1) == data.y[served]))
     folds_mean = points[-1].accuracy
     assert abs(folds_mean - right / np.count_nonzero(data.served)) < 0.02
+
+
+def test_the_drift_reference_is_the_training_photos_of_the_two_classes() -> None:
+    """The API compares live inputs with what the model serves: refused kinds (daisies, ...) are not in it."""
+    from services.trainer.train import drift_reference
+    from shared.descriptors import DESCRIPTOR_COLUMNS
+    from shared.drift import Reference
+
+    data = synthetic(TWO_SOURCES)
+    refused = ~data.served
+    for name in DESCRIPTOR_COLUMNS:  # make the refused photos' colours stand out
+        data.descriptors[name][refused] = data.descriptors[name][refused] + 1000.0
+    served = (data.split == "train") & data.served
+    expected = Reference.build({n: data.descriptors[n][served] for n in DESCRIPTOR_COLUMNS}, "s train split")
+    assert drift_reference(data, "s").to_dict() == expected.to_dict()
+    everything = data.split == "train"
+    assert drift_reference(data, "s").to_dict() != Reference.build(
+        {n: data.descriptors[n][everything] for n in DESCRIPTOR_COLUMNS}, "s train split"
+    ).to_dict()
