@@ -38,7 +38,9 @@ def jpeg() -> bytes:
 
 async def started(settings: ApiSettings, source: FakeSource | None = None):
     app = create_app(settings, source=source or FakeSource())
-    manager = LifespanManager(app)
+    # Start and stop are not what these tests judge: a loaded machine may take more than the default 5 s to
+    # flush and close the prediction log's database.
+    manager = LifespanManager(app, startup_timeout=60, shutdown_timeout=60)
     await manager.__aenter__()
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=manager.app), base_url="http://api")
     await wait_ready(client)
