@@ -177,6 +177,7 @@ def test_the_drift_reference_is_the_training_photos_of_the_two_classes() -> None
     expected = Reference.build({n: data.descriptors[n][served] for n in DESCRIPTOR_COLUMNS}, "s train split")
     assert drift_reference(data, "s").to_dict() == expected.to_dict()
     everything = data.split == "train"
-    assert drift_reference(data, "s").to_dict() != Reference.build(
-        {n: data.descriptors[n][everything] for n in DESCRIPTOR_COLUMNS}, "s train split"
-    ).to_dict()
+    assert (
+        drift_reference(data, "s").to_dict()
+        != Reference.build({n: data.descriptors[n][everything] for n in DESCRIPTOR_COLUMNS}, "s train split").to_dict()
+    )
