@@ -15,7 +15,8 @@ DEFAULT_DATA_SOURCE = "https://raw.githubusercontent.com/btphan95/greenr-airflow
 """The upstream data set: ``{base}/{label}/{i:08d}.jpg`` for i in 0..199."""
 
 
-def _config(prefix: str = "") -> SettingsConfigDict:
+def settings_config(prefix: str = "") -> SettingsConfigDict:
+    """The configuration every settings class of the project shares (``prefix``: its variables' prefix)."""
     return SettingsConfigDict(
         env_prefix=prefix,
         env_file=".env",
@@ -29,7 +30,7 @@ def _config(prefix: str = "") -> SettingsConfigDict:
 class ObjectStoreSettings(BaseSettings):
     """Where image files, feature sets and uploads are kept: an S3 bucket or a local folder."""
 
-    model_config = _config()
+    model_config = settings_config()
 
     url: str = Field("var/objects", validation_alias="OBJECT_STORE_URL")
     """``s3://bucket[/prefix]`` for S3 or Minio; any other value is a local folder."""
@@ -50,7 +51,7 @@ class ObjectStoreSettings(BaseSettings):
 class DatabaseSettings(BaseSettings):
     """The metadata database: ``images``, ``feature_sets`` (and later ``predictions``)."""
 
-    model_config = _config()
+    model_config = settings_config()
 
     url: SecretStr = Field(SecretStr("sqlite+aiosqlite:///var/dandelion.db"), validation_alias="DATABASE_URL")
     """SQLAlchemy async URL, e.g. ``mysql+asyncmy://user:pass@host:3306/db``. Secret: it may hold a password."""
@@ -61,7 +62,7 @@ class DatabaseSettings(BaseSettings):
 class RegistrySettings(BaseSettings):
     """The MLflow tracking server and model registry, and which model the API serves."""
 
-    model_config = _config()
+    model_config = settings_config()
 
     tracking_uri: str = Field("sqlite:///var/mlflow.db", validation_alias="MLFLOW_TRACKING_URI")
     """MLflow tracking server and model registry (``http://...``), or an embedded ``sqlite:///`` store."""

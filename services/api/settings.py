@@ -5,20 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
-from shared.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings
+from shared.settings import DatabaseSettings, ObjectStoreSettings, RegistrySettings, settings_config
 
 
 class ApiSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="API_",
-        env_file=".env",
-        extra="ignore",
-        populate_by_name=True,
-        frozen=True,
-        use_attribute_docstrings=True,
-    )
+    model_config = settings_config("API_")
 
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)

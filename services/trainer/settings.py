@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings
 
 from services.trainer.head import C_GRID
 from shared.drift import PSI_THRESHOLD
@@ -15,18 +15,12 @@ from shared.settings import (
     DatabaseSettings,
     ObjectStoreSettings,
     RegistrySettings,
+    settings_config,
 )
 
 
 class TrainerSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="TRAINER_",
-        env_file=".env",
-        extra="ignore",
-        populate_by_name=True,
-        frozen=True,
-        use_attribute_docstrings=True,
-    )
+    model_config = settings_config("TRAINER_")
 
     store: ObjectStoreSettings = Field(default_factory=ObjectStoreSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
