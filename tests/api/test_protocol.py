@@ -82,7 +82,7 @@ TRICKY = {
 
 def general(body: bytes, monkeypatch: pytest.MonkeyPatch) -> np.ndarray | tuple[type, str]:
     with monkeypatch.context() as patched:
-        patched.setattr(protocol, "fast_tensor", lambda body, max_instances: None)
+        patched.setattr(protocol, "fast_tensor", lambda *args: None)
         return outcome(body)
 
 
@@ -120,6 +120,27 @@ def test_odd_bodies_get_the_general_paths_answer(name: str, monkeypatch) -> None
 
 def test_the_fast_path_is_exact_for_float32_values() -> None:
     np.testing.assert_array_equal(protocol.fast_tensor(numpy_json({"inputs": IMAGES}), 64), IMAGES)
+
+
+def test_kept_parsers_answer_as_fresh_ones_and_stay_bounded() -> None:
+    """Parsers are reused across bodies and threads (up to KEPT_PARSERS of them), each answer its own body's;
+    a reader that fails takes its parser with it, and the next body is still answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [numpy_json({"inputs": IMAGES[i : i + 1]}) for i in range(2)] + [spaced_json({"inputs": IMAGES})]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda i: protocol.fast_tensor(bodies[i % 3], 64), range(24)))
+    for i, array in enumerate(got):
+        np.testing.assert_array_equal(array, IMAGES[i % 3 : i % 3 + 1] if i % 3 < 2 else IMAGES)
+    assert 1 <= protocol._kept_parsers.qsize() <= protocol.KEPT_PARSERS
+
+    def failing(document):
+        held = document  # noqa: F841 - a simdjson object in the failing frame
+        raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        protocol._parsed(bodies[0], failing)
+    np.testing.assert_array_equal(protocol.fast_tensor(bodies[1], 64), IMAGES[1:2])
 
 
 def _flat_zeros(n: int, padding: int = 70_000) -> bytes:
