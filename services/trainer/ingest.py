@@ -356,14 +356,17 @@ async def _ingest_one(
         report.failed += 1
         report.last_failure = str(exc)
         return None
+    sha256 = hashlib.sha256(data).hexdigest()
+    if sha256 in known:  # stored already (so it decoded): not decoded again, the rerun of a big folder is a hash a file
+        report.duplicate += 1
+        return None
     try:
         loaded = await asyncio.to_thread(load, data)
         descriptors = await asyncio.to_thread(loaded.describe)
     except images.ImageError as exc:
         report.rejected[exc.code] += 1
         return None
-    sha256 = hashlib.sha256(data).hexdigest()
-    if sha256 in known:
+    if sha256 in known:  # an identical file finished while this one was decoding
         report.duplicate += 1
         return None
     known.add(sha256)

@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from services.trainer import ingest as ingest_module
 from services.trainer.cli import main
 from services.trainer.ingest import SourceError, ingest
 from services.trainer.settings import TrainerSettings
+from shared import descriptors
 from shared.db import DatabaseError, open_database
 from shared.settings import DatabaseSettings
 from shared.storage import ObjectStoreError, open_store
@@ -33,7 +35,7 @@ async def table_and_bucket(settings: TrainerSettings) -> tuple[list[ImageRow], l
     return rows, keys
 
 
-def test_folder_ingest_twice(stack_settings: TrainerSettings, data_dir: Path) -> None:
+def test_folder_ingest_twice(stack_settings: TrainerSettings, data_dir: Path, monkeypatch) -> None:
     first = asyncio.run(ingest(stack_settings, str(data_dir), progress=False))
     assert (first.new, first.duplicate, first.failed, sum(first.rejected.values())) == (320, 0, 0, 0)
     assert first.new_by_label == {"dandelion": 160, "grass": 160}
@@ -46,9 +48,12 @@ def test_folder_ingest_twice(stack_settings: TrainerSettings, data_dir: Path) ->
         assert row.width > 0 and row.height > 0 and row.byte_size > 0
         assert Path(row.source).parent.name == row.label
 
+    decoded = []
+    monkeypatch.setattr(ingest_module, "load", lambda data: decoded.append(data) or descriptors.load(data))
     second = asyncio.run(ingest(stack_settings, str(data_dir), progress=False))
     assert (second.new, second.duplicate) == (0, 320)
     assert "0 new, 320 already stored" in second.summary()
+    assert decoded == []  # a stored photo is known by its hash: a rerun on a big folder does not decode it again
     rows, keys = asyncio.run(table_and_bucket(stack_settings))
     assert len(rows) == 320 and len(keys) == 320
 
