@@ -307,3 +307,92 @@ def test_every_accepted_format_decodes() -> None:
     for fmt in images.ACCEPTED_FORMATS:
         check_array(preprocess(encode(Image.new("RGB", (32, 32), (0, 90, 0)), fmt)))
     assert images.EXTENSIONS.keys() - {"MPO"} == set(images.ACCEPTED_FORMATS)
+
+
+def first_row(data: bytes, n: int) -> list[int]:
+    """The first ``n`` pixels of the decoded image's top row (all three channels equal: grey)."""
+    rgb = np.asarray(images.decode(data, images.DEFAULT_LIMITS, MODEL_SIZE).image)
+    assert (rgb[0, :n] == rgb[0, :n, :1]).all(), "a grey image came out coloured"
+    return rgb[0, :n, 0].tolist()
+
+
+def grey(mode: str, values: list[float], dtype: str) -> Image.Image:
+    array = np.zeros((32, 32), dtype)
+    array[0, : len(values)] = values
+    return Image.frombytes(mode, (32, 32), array.tobytes())
+
+
+@pytest.mark.parametrize(
+    ("mode", "dtype", "fmt", "values", "expected"),
+    [
+        # 16-bit: always out of 65535 (mutmut: scale, clip and the mode names of shared.images._to_rgb)
+        ("I;16", "<u2", "PNG", [0, 65535, 32896, 257], [0, 255, 128, 1]),
+        ("I;16B", ">u2", "TIFF", [0, 65535, 32896, 257], [0, 255, 128, 1]),
+        # 32-bit integers: out of 255 while they fit it (the top value included), out of 65535 beyond
+        ("I", "<i4", "TIFF", [0, 200, 255], [0, 200, 255]),
+        ("I", "<i4", "TIFF", [0, 256], [0, 0]),
+        ("I", "<i4", "TIFF", [-1000, 0, 1000, 70000], [0, 0, 3, 255]),  # negatives clip to 0, never wrap
+        # floats: out of 1 while they fit it, out of 255 beyond; NaN and infinities are black
+        ("F", "<f4", "TIFF", [0.0, 0.5, 1.0, np.nan], [0, 127, 255, 0]),
+        ("F", "<f4", "TIFF", [0.0, 100.0, 255.0, np.inf, -np.inf, 300.0], [0, 100, 255, 0, 0, 255]),
+    ],
+)
+def test_wide_greyscale_modes_become_the_8_bit_values_they_stand_for(
+    mode: str, dtype: str, fmt: str, values: list[float], expected: list[int]
+) -> None:
+    data = encode(grey(mode, values, dtype), fmt)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    assert first_row(data, len(values)) == expected
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
+def test_large_palette_images_are_reduced_in_colour_and_keep_their_transparency(fmt: str) -> None:
+    """Over twice the reducing size, images are box-reduced first: a palette image by its colours (not its
+    indices), its transparent colour still flattened onto white."""
+    img = Image.new("P", (1400, 1400), 0)
+    img.putpalette([200, 10, 10, 0, 255, 0] + [0] * 762)
+    img.paste(1, (700, 0, 1400, 1400))
+    transparent = fmt == "PNG"
+    data = encode(img, fmt, **({"transparency": 0} if transparent else {}))
+    rgb = np.asarray(images.decode(data, images.DEFAULT_LIMITS, MODEL_SIZE).image)
+    assert rgb.shape[0] < 1400  # it was reduced
+    assert rgb[5, 5].tolist() == ([255, 255, 255] if transparent else [200, 10, 10])
+    assert rgb[5, -5].tolist() == [0, 255, 0]
+
+
+def test_large_one_bit_images_are_reduced_as_grey() -> None:
+    img = Image.new("1", (1400, 1400), 0)
+    img.paste(1, (700, 0, 1400, 1400))
+    rgb = np.asarray(images.decode(encode(img, "PNG"), images.DEFAULT_LIMITS, MODEL_SIZE).image)
+    assert rgb.shape[0] < 1400
+    assert rgb[5, 5].tolist() == [0, 0, 0] and rgb[5, -5].tolist() == [255, 255, 255]
+
+
+def test_grey_with_alpha_is_flattened_onto_white() -> None:
+    img = Image.new("LA", (32, 32), (0, 0))
+    img.paste((0, 255), (16, 0, 32, 32))
+    rgb = np.asarray(images.decode(encode(img, "PNG"), images.DEFAULT_LIMITS, MODEL_SIZE).image)
+    assert rgb[2, 2].tolist() == [255, 255, 255] and rgb[2, 30].tolist() == [0, 0, 0]
+
+
+def test_other_sizes_are_honoured() -> None:
+    assert preprocess(encode(half_and_half((300, 200)), "PNG"), size=96).shape == (96, 96, 3)
+
+
+PINNED_DIGESTS = {
+    "dandelion": "afa4bdb37c54d0e364aa6971cd50fc2045a1e34b5e3f9797e96dba90dc8e4af2",
+    "grass": "4161915d7a57d36132aaa5be40b4c7abbc75f8db0d3c2ab7c7e66ae21723f5ae",
+}
+"""sha256 of ``preprocess`` of the first photo of each class (Pillow as pinned in constraints.txt)."""
+
+
+def test_the_preprocessing_is_pinned(data_dir) -> None:
+    """Cached embeddings are keyed by photo, backbone, resolution and view, not by preprocessing: a change here
+    (resampling filter, scaling, rounding) would leave every stored embedding computed the old way. If you
+    change the preprocessing on purpose, give ``services.trainer.extractor.EmbeddingSpec`` a new key too (so
+    they are recomputed), then these digests."""
+    import hashlib
+
+    for label, digest in PINNED_DIGESTS.items():
+        photo = sorted((data_dir / label).glob("*.jpg"))[0]
+        assert hashlib.sha256(preprocess(photo.read_bytes()).tobytes()).hexdigest() == digest, label
