@@ -396,3 +396,34 @@ def test_the_preprocessing_is_pinned(data_dir) -> None:
     for label, digest in PINNED_DIGESTS.items():
         photo = sorted((data_dir / label).glob("*.jpg"))[0]
         assert hashlib.sha256(preprocess(photo.read_bytes()).tobytes()).hexdigest() == digest, label
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "expected"),
+    [
+        ("L", "PNG", 1),
+        ("P", "PNG", 9),  # and its RGB(A) copy, made before it can be reduced
+        ("1", "PNG", 2),  # and its L copy
+        ("I;16", "PNG", 2),
+        ("I", "TIFF", 4),
+        ("F", "TIFF", 4),
+        ("RGB", "PNG", 4),
+        ("RGBA", "PNG", 8),  # and the premultiplied copy reduce() makes
+        ("LA", "PNG", 8),
+        ("RGB", "WEBP", 16),  # and libwebp's buffers
+    ],
+)
+def test_the_decode_budget_counts_the_measured_bytes_of_each_mode(mode: str, fmt: str, expected: int) -> None:
+    """The figures ``test_the_worst_allowed_decode_of_each_mode_stays_within_the_budget`` measured (slow)."""
+    assert images.full_size_bytes_per_pixel(mode, fmt) == expected
+
+
+def test_an_image_over_the_decode_budget_is_refused_with_its_figures() -> None:
+    data = encode(Image.new("RGB", (3000, 2000)), "PNG")  # 24 MB decoded; 2000 x 2000 would be 16 MB
+    limits = ImageLimits(max_decode_bytes=16 * 1024 * 1024)
+    with pytest.raises(ImageTooLargeError) as refused:
+        images.decode(data, limits)
+    assert str(refused.value) == (
+        "the image is 3000x2000 pixels of mode RGB: decoding it needs 23 MiB; the limit is 16 MiB"
+    )
+    images.decode(data, ImageLimits(max_decode_bytes=24_000_000))  # exactly at the budget: decoded
