@@ -384,6 +384,10 @@ PINNED_DIGESTS = {
     "grass": "4161915d7a57d36132aaa5be40b4c7abbc75f8db0d3c2ab7c7e66ae21723f5ae",
 }
 """sha256 of ``preprocess`` of the first photo of each class (Pillow as pinned in constraints.txt)."""
+PINNED_LARGE_DIGESTS = {
+    "rgb": "89286203ef0a1471aea3480b3af939cc1ad041c98b0ea7e9bcb7501f275f7cc4",
+    "16-bit": "d9d1de5eabeacfa7c5923b3b35f777d1e04c8b0c648c0d8d49290897a86c4f95",
+}
 
 
 def test_the_preprocessing_is_pinned(data_dir) -> None:
@@ -396,6 +400,16 @@ def test_the_preprocessing_is_pinned(data_dir) -> None:
     for label, digest in PINNED_DIGESTS.items():
         photo = sorted((data_dir / label).glob("*.jpg"))[0]
         assert hashlib.sha256(preprocess(photo.read_bytes()).tobytes()).hexdigest() == digest, label
+    # Large inputs take the other steps: a box reduction of whole factors in the image's own mode (16-bit
+    # included), then the resize's own reduction (reducing_gap) before the bilinear filter.
+    rng = np.random.default_rng(5)
+    large = {
+        "rgb": Image.fromarray(rng.integers(0, 256, (1000, 1300, 3), dtype=np.uint8), "RGB"),
+        "16-bit": Image.fromarray(rng.integers(0, 65536, (1400, 1500), dtype=np.uint16)),
+    }
+    for name, digest in PINNED_LARGE_DIGESTS.items():
+        array = preprocess(encode(large[name], "PNG"))
+        assert hashlib.sha256(array.tobytes()).hexdigest() == digest, name
 
 
 @pytest.mark.parametrize(
