@@ -306,7 +306,7 @@ def _list_of(stripped: bytes, position: int, item: bytes, n: int) -> bool:
     return True
 
 
-_kept_parsers: queue.SimpleQueue[simdjson.Parser] = queue.SimpleQueue()
+_kept_parsers: queue.Queue[simdjson.Parser] = queue.Queue(maxsize=KEPT_PARSERS)
 
 
 def _parsed(body: bytes, read: Callable[[Any], np.ndarray | None]) -> np.ndarray | None:
@@ -326,8 +326,9 @@ def _parsed(body: bytes, read: Callable[[Any], np.ndarray | None]) -> np.ndarray
         return None  # invalid JSON, or a number simdjson will not hold
     result = read(document)  # if it raises, the parser goes with the traceback that may hold its objects
     del document
-    if kept and _kept_parsers.qsize() < KEPT_PARSERS:
-        _kept_parsers.put(parser)
+    if kept:
+        with contextlib.suppress(queue.Full):  # never more than KEPT_PARSERS, however many threads parse
+            _kept_parsers.put_nowait(parser)
     return result
 
 
