@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -144,8 +145,31 @@ def test_decompression_bomb_is_refused_before_decoding() -> None:
 
 def test_file_over_the_byte_limit_is_refused() -> None:
     data = encode(Image.new("RGB", (64, 64)), "PNG")
-    with pytest.raises(ImageTooLargeError):
+    with pytest.raises(ImageTooLargeError, match=f"^the file is {len(data)} bytes; the limit is {len(data) - 1}$"):
         preprocess(data, ImageLimits(max_bytes=len(data) - 1))
+    preprocess(data, ImageLimits(max_bytes=len(data)))  # exactly at the limit: decoded
+
+
+def test_an_empty_file_is_refused_as_such() -> None:
+    with pytest.raises(NotAnImageError, match=r"^the file is empty$"):
+        preprocess(b"")
+
+
+@pytest.mark.parametrize(
+    ("size", "limits", "message"),
+    [
+        ((10, 10), ImageLimits(max_pixels=99), "the image is 10x10 pixels; the limit is 99 pixels"),
+        ((10, 10), ImageLimits(min_side=11), "the image is 10x10; each side must be at least 11"),
+        ((40, 10), ImageLimits(max_aspect_ratio=3.5), "the image is 40x10; the aspect ratio may not exceed 3.5:1"),
+        ((10, 40), ImageLimits(max_aspect_ratio=3.5), "the image is 10x40; the aspect ratio may not exceed 3.5:1"),
+    ],
+)
+def test_geometry_limits_are_inclusive_and_say_which_was_passed(size, limits: ImageLimits, message: str) -> None:
+    data = encode(Image.new("RGB", size), "PNG")
+    with pytest.raises((ImageTooLargeError, DegenerateImageError), match=f"^{re.escape(message)}$"):
+        preprocess(data, limits)
+    at_limits = ImageLimits(max_pixels=size[0] * size[1], min_side=min(size), max_aspect_ratio=max(size) / min(size))
+    preprocess(data, at_limits)  # each exactly at its limit: decoded
 
 
 @pytest.mark.parametrize("size", [(1, 1), (4000, 10), (5, 100)])
@@ -328,6 +352,7 @@ def grey(mode: str, values: list[float], dtype: str) -> Image.Image:
         # 16-bit: always out of 65535 (mutmut: scale, clip and the mode names of shared.images._to_rgb)
         ("I;16", "<u2", "PNG", [0, 65535, 32896, 257], [0, 255, 128, 1]),
         ("I;16B", ">u2", "TIFF", [0, 65535, 32896, 257], [0, 255, 128, 1]),
+        ("I;16", "<u2", "PNG", [0, 128, 255], [0, 0, 0]),  # a dark 16-bit image stays dark
         # 32-bit integers: out of 255 while they fit it (the top value included), out of 65535 beyond
         ("I", "<i4", "TIFF", [0, 200, 255], [0, 200, 255]),
         ("I", "<i4", "TIFF", [0, 256], [0, 0]),
@@ -335,6 +360,8 @@ def grey(mode: str, values: list[float], dtype: str) -> Image.Image:
         # floats: out of 1 while they fit it, out of 255 beyond; NaN and infinities are black
         ("F", "<f4", "TIFF", [0.0, 0.5, 1.0, np.nan], [0, 127, 255, 0]),
         ("F", "<f4", "TIFF", [0.0, 100.0, 255.0, np.inf, -np.inf, 300.0], [0, 100, 255, 0, 0, 255]),
+        ("F", "<f4", "TIFF", [0.0, 1.5, 2.0, -100.0], [0, 1, 2, 0]),  # just over 1: out of 255; negatives clip
+        ("F", "<f4", "TIFF", [0.0, 1.0, -0.5], [0, 255, 0]),
     ],
 )
 def test_wide_greyscale_modes_become_the_8_bit_values_they_stand_for(
@@ -345,14 +372,13 @@ def test_wide_greyscale_modes_become_the_8_bit_values_they_stand_for(
     assert first_row(data, len(values)) == expected
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "GIF"])
-def test_large_palette_images_are_reduced_in_colour_and_keep_their_transparency(fmt: str) -> None:
+@pytest.mark.parametrize(("fmt", "transparent"), [("PNG", True), ("PNG", False), ("GIF", False)])
+def test_large_palette_images_are_reduced_in_colour_and_keep_their_transparency(fmt: str, transparent: bool) -> None:
     """Over twice the reducing size, images are box-reduced first: a palette image by its colours (not its
     indices), its transparent colour still flattened onto white."""
     img = Image.new("P", (1400, 1400), 0)
     img.putpalette([200, 10, 10, 0, 255, 0] + [0] * 762)
     img.paste(1, (700, 0, 1400, 1400))
-    transparent = fmt == "PNG"
     data = encode(img, fmt, **({"transparency": 0} if transparent else {}))
     rgb = np.asarray(images.decode(data, images.DEFAULT_LIMITS, MODEL_SIZE).image)
     assert rgb.shape[0] < 1400  # it was reduced
@@ -441,3 +467,79 @@ def test_an_image_over_the_decode_budget_is_refused_with_its_figures() -> None:
         "the image is 3000x2000 pixels of mode RGB: decoding it needs 23 MiB; the limit is 16 MiB"
     )
     images.decode(data, ImageLimits(max_decode_bytes=24_000_000))  # exactly at the budget: decoded
+
+
+@pytest.mark.parametrize(
+    ("size", "reduced"),
+    [((1343, 1343), (1343, 1343)), ((1344, 1000), (672, 1000)), ((1400, 700), (700, 700)), ((700, 1400), (700, 700)),
+     ((2100, 2800), (700, 700))],
+)  # fmt: skip
+def test_only_sides_of_twice_the_reducing_size_are_box_reduced(size: tuple[int, int], reduced: tuple[int, int]) -> None:
+    """Each side by its own whole factor, to at least 3 x 224 = 672 px: nothing full-size reaches the rotation,
+    the conversion or the floats (and the resize's own reducing_gap of 3 would reduce by the same factors)."""
+    decoded = images.decode(encode(Image.new("RGB", size, (10, 200, 30)), "PNG"))
+    assert decoded.image.size == reduced and (decoded.width, decoded.height) == size
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("size", [(40, 20), (1400, 700)])
+def test_a_transparent_colour_is_flattened_onto_white_too(mode: str, size: tuple[int, int]) -> None:
+    """An RGB or grey PNG may name one colour transparent (tRNS) instead of carrying alpha: it is flattened onto
+    white like alpha is (it used to show as its colour, black here: found by mutmut on _to_rgb)."""
+    key = (0, 0, 0) if mode == "RGB" else 0
+    img = Image.new(mode, size, (200, 10, 10) if mode == "RGB" else 90)
+    img.paste(key, (0, 0, size[0] // 2, size[1]))
+    rgb = np.asarray(images.decode(encode(img, "PNG", transparency=key)).image)
+    assert rgb[5, 5].tolist() == [255, 255, 255]
+    assert rgb[5, -5].tolist() == ([200, 10, 10] if mode == "RGB" else [90, 90, 90])
+    assert np.asarray(images.decode(encode(img, "PNG")).image)[5, 5].tolist() == [0, 0, 0]  # without tRNS: black
+
+
+def test_modes_no_decoder_here_hands_out_are_converted_alike() -> None:
+    """Little-endian and native 16-bit, and the alpha modes ``PA`` and premultiplied ``RGBa``: a Pillow plugin
+    or version may hand them out, and ``_to_rgb`` promises any mode (but ``La``, which Pillow cannot convert)."""
+    for mode in ("I;16L", "I;16N"):
+        img = Image.frombytes(mode, (4, 1), np.array([0, 65535, 32896, 257], "=u2").tobytes())
+        assert np.asarray(images._to_rgb(img))[0, :, 0].tolist() == [0, 255, 128, 1], mode
+    pa = Image.new("PA", (2, 1))
+    pa.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    pa.putpixel((0, 0), (1, 0))
+    pa.putpixel((1, 0), (1, 255))
+    rgba = Image.new("RGBa", (2, 1))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.putpixel((1, 0), (10, 200, 30, 255))
+    for img, opaque in ((pa, [10, 200, 30]), (rgba, [10, 200, 30])):
+        rgb = np.asarray(images._to_rgb(img))
+        assert rgb[0].tolist() == [[255, 255, 255], opaque], img.mode
+
+
+def test_a_known_format_is_named_even_when_another_s_check_fails_on_few_bytes() -> None:
+    """``b"P6"`` makes the DIB check raise (it needs more bytes) before the PPM check names it."""
+    with pytest.raises(images.UnsupportedFormatError, match=r"\(PPM, by its first bytes\)"):
+        preprocess(b"P6")
+    with pytest.raises(NotAnImageError, match="corrupt or truncated"):
+        preprocess(b"\xff\xd8\xff")  # starts like a JPEG
+
+
+def test_formats_are_told_by_the_16_bytes_pillow_reads() -> None:
+    """The same prefix Pillow's own ``open`` looks at: what it cannot tell by them is not named (an XBM whose
+    ``#define`` starts after 10 spaces is only seen as one with 17 bytes or more)."""
+    data = b" " * 10 + b"#define im_width 8\n#define im_height 8\n"
+    with pytest.raises(NotAnImageError, match="not a decodable image"):
+        preprocess(data)
+    with pytest.raises(images.UnsupportedFormatError, match="XBM"):
+        preprocess(data[10:])
+
+
+def test_the_budget_s_figures_are_in_mebibytes() -> None:
+    with pytest.raises(ImageTooLargeError, match=r"needs 2048 MiB; the limit is 128 MiB$"):
+        images._check_budget((16384, 16384), "RGBA", "PNG", images.DEFAULT_LIMITS)
+
+
+def test_another_size_is_decoded_for_that_size() -> None:
+    """The early reduction and the JPEG draft aim at the size asked for, not the model's."""
+    rng = np.random.default_rng(3)
+    data = encode(Image.fromarray(rng.integers(0, 256, (900, 2000, 3), dtype=np.uint8), "RGB"), "JPEG")
+    small = preprocess(data, size=64)
+    assert np.array_equal(small, images.to_array(images.decode(data, size=64).image, 64))
+    assert not np.array_equal(small, images.to_array(images.decode(data).image, 64))
