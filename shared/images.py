@@ -105,9 +105,11 @@ def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, size: int = MODEL_
             img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             width, height = img.size
             _check_geometry(width, height, limits)
-            if getattr(img, "is_animated", False) and getattr(img, "n_frames", 1) > 1:
-                raise NotAnImageError("animated images are not accepted; send a still image")
             fmt = img.format or "unknown"
+            # A phone's MPO holds the photo first, then a preview or a depth map: the photo is decoded. Pillow
+            # calls any file of several frames "animated".
+            if getattr(img, "is_animated", False) and fmt != "MPO":
+                raise NotAnImageError("animated images are not accepted; send a still image")
             mode = img.mode
             if fmt in ("JPEG", "MPO"):
                 img.draft("RGB", (size, size))  # scales by 1/2, 1/4 or 1/8 while both sides stay >= size
@@ -115,7 +117,7 @@ def decode(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, size: int = MODEL_
             orientation = img.getexif().get(ExifTags.Base.Orientation, 1)
             img.load()
             img = _shrink(img, size * REDUCING_GAP)
-            if method := ORIENTATIONS.get(orientation):
+            if (method := ORIENTATIONS.get(orientation)) is not None:  # FLIP_LEFT_RIGHT is 0: test for None
                 img = img.transpose(method)
     except ImageError:
         raise
