@@ -137,11 +137,11 @@ def screen(body: bytes, max_instances: int) -> np.ndarray | None:
         raise BadRequest(f"{REQUIRED}; received a JSON {type(document).__name__}")
     keys = list(document.keys())
     formats = [key for key in keys if key in FORMATS]
-    if len(formats) != 1:
+    if len(set(formats)) != 1:
         found = ", ".join(repr(k)[:40] for k in keys[:8])
         raise BadRequest(f"{REQUIRED}; received keys: {found or 'none'}")
     key = formats[0]
-    if keys.count(key) > 1:
+    if len(formats) > 1:
         raise BadRequest(f"the key '{key}' appears more than once")
     value = document[key]
     if key in ("inputs", "instances"):

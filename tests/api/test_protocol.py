@@ -173,3 +173,137 @@ def test_no_request_sized_allocation_before_the_limits(body: bytes, status: int)
     assert refused.value.status_code == status, str(refused.value)
     assert peak < 16 * len(body) + 1_000_000, f"{peak / 1e6:.1f} MB allocated for a {len(body) / 1e3:.0f} KB body"
     assert protocol._image_skeleton.cache_info().currsize == 1
+
+
+# Every refusal, word for word, on both paths: a small body (orjson) and the same JSON padded past
+# FAST_PATH_MIN_BYTES (simdjson, screened). A client reads the message to fix its request; the two paths may word
+# a refusal differently, but each says what is wrong with this body.
+PAD = b" " * (protocol.FAST_PATH_MIN_BYTES + 100)
+SAME = object()
+IMAGE_JSON = [[[0.5, 0.5, 0.5]] * 224] * 224
+ROW = [0.5] * protocol.IMAGE_VALUES
+REQ = protocol.REQUIRED
+SHAPE = "; expected (-1, 224, 224, 3): a list of 224x224 RGB images with values in [0, 1]"
+ROWS = "; each row must be one flattened 224x224x3 image (150528 columns)"
+NOT_NUMBERS = "must hold numbers only (no strings, booleans, nulls or objects)"
+INVALID = (400, "the body is not valid JSON (or holds a number beyond 64 bits)")
+TOO_MANY = (413, "at most 8 images per request; received 9")
+RECORDS, DATA = "'dataframe_records'", "'dataframe_split.data'"
+OBJECTS, NON_EMPTY = "must be a non-empty list of objects", "must be a non-empty array of numbers"
+SPLIT_OBJECT = "'dataframe_split' must be an object with 'columns' and 'data'"
+REFUSALS = {
+    "empty": (b"", (400, "the request body is empty"), INVALID),
+    "not json": (b'{"inputs": [1,', (400, "the body is not valid JSON: unexpected end of data"),
+                 INVALID),
+    "a list": (b"[1, 2]", (400, f"{REQ}; received a list"), SAME),
+    "a number": (b"3", (400, f"{REQ}; received a JSON int"), SAME),
+    "a string": (b'"x"', (400, f"{REQ}; received a JSON str"), SAME),
+    "no key": (b"{}", (400, f"{REQ}; received keys: none"), SAME),
+    "other keys": (b'{"a": 1, "b": 2}', (400, f"{REQ}; received keys: 'a', 'b'"), SAME),
+    "two formats": (b'{"inputs": [1], "instances": [1]}', (400, f"{REQ}; received keys: 'inputs', 'instances'"), SAME),
+    "inputs object": (b'{"inputs": {"a": 1}}',
+                      (400, "'inputs' must be a list of images; this model has one unnamed input"), SAME),
+    "inputs number": (b'{"inputs": 1}', (400, "'inputs' must be a list of images"), SAME),
+    "instances null": (b'{"instances": null}', (400, "'instances' must be a list of images"), SAME),
+    "inputs empty": (b'{"inputs": []}', (400, f"'inputs' {NON_EMPTY}"), SAME),
+    "ragged": (b'{"inputs": [[1, 2], [3]]}', (400, "'inputs' is not a rectangular array of numbers"), SAME),
+    "a null inside": (b'{"inputs": [null]}', (400, f"'inputs' {NON_EMPTY}"),
+                      (400, f"'inputs' {NOT_NUMBERS}")),
+    "a string inside": (b'{"inputs": [["0.5"]]}', (400, f"'inputs' {NON_EMPTY}"),
+                        (400, f"'inputs' {NOT_NUMBERS}")),
+    "a boolean": (b'{"inputs": [[[[true, 0.5, 0.5]]]]}',
+                  (400, "'inputs' must hold numbers only; true and false are not pixel values"),
+                  (400, f"'inputs' {NOT_NUMBERS}")),
+    "not finite": (b'{"instances": [[1e39]]}', (400, "'instances' contains values that are not finite numbers"),
+                   (400, f"'instances' has shape (1, 1){SHAPE}")),
+    "not finite image": (json.dumps({"inputs": [[[[1e39, 0.5, 0.5]] + [[0.5] * 3] * 223] * 224]}).encode(),
+                         (400, "'inputs' contains values that are not finite numbers"), SAME),
+    "wrong shape": (b'{"inputs": [[0.5, 0.5]]}', (400, f"'inputs' has shape (1, 2){SHAPE}"), SAME),
+    "image rows": (b'{"inputs": [[[0.5, 0.5, 0.5]]]}', (400, f"'inputs' has shape (1, 1, 3){SHAPE}"), SAME),
+    "an empty row": (b'{"inputs": [[[]]]}', (400, f"'inputs' {NON_EMPTY}"),
+                     (400, f"'inputs' has shape (1, 1, 0){SHAPE}")),
+    "nine images": (json.dumps({"inputs": [IMAGE_JSON] * 9}).encode(), TOO_MANY, SAME),
+    "nine numbers": (b'{"inputs": [1, 2, 3, 4, 5, 6, 7, 8, 9]}', (400, f"'inputs' has shape (9,){SHAPE}"), SAME),
+    "nine rows of two": (b'{"inputs": [[1, 2], [1, 2], [1, 2], [1, 2], [1, 2], [1, 2], [1, 2], [1, 2], [1, 2]]}',
+                         (400, f"'inputs' has shape (9, 2){SHAPE}"), SAME),
+    "split not object": (b'{"dataframe_split": [1]}', (400, SPLIT_OBJECT), SAME),
+    "split no data": (b'{"dataframe_split": {"columns": ["a"]}}',
+                      (400, SPLIT_OBJECT), SAME),
+    "split data number": (b'{"dataframe_split": {"data": 1}}', (400, f"{DATA} has shape (){ROWS}"),
+                          (400, f"{DATA} {NON_EMPTY}")),
+    "split narrow rows": (b'{"dataframe_split": {"data": [[0.5, 0.5, 0.5]]}}',
+                          (400, f"{DATA} has shape (1, 3){ROWS}"), SAME),
+    "split columns": (json.dumps({"dataframe_split": {"columns": ["a"], "data": [ROW]}}).encode(),
+                      (400, "'dataframe_split.columns' does not match the rows"), SAME),
+    "split columns not list": (json.dumps({"dataframe_split": {"columns": "a", "data": [ROW]}}).encode(),
+                               (400, "'dataframe_split.columns' does not match the rows"), SAME),
+    "split ragged": (b'{"dataframe_split": {"data": [[0.5, 0.5], [0.5]]}}',
+                     (400, f"{DATA} is not a rectangular array of numbers"), SAME),
+    "split nine rows": (json.dumps({"dataframe_split": {"data": [ROW] * 9}}).encode(), TOO_MANY, SAME),
+    "split nine narrow rows": (json.dumps({"dataframe_split": {"data": [[0.5]] * 9}}).encode(),
+                               (400, f"{DATA} has shape (9, 1){ROWS}"), SAME),
+    "records empty": (b'{"dataframe_records": []}', (400, f"{RECORDS} {OBJECTS}"), SAME),
+    "records numbers": (b'{"dataframe_records": [1]}', (400, f"{RECORDS} {OBJECTS}"), SAME),
+    "records mixed": (b'{"dataframe_records": [{"a": 1}, 2]}', (400, f"{RECORDS} {OBJECTS}"),
+                      (400, f"{RECORDS} has shape (2, 1){ROWS}")),
+    "records keys": (b'{"dataframe_records": [{"a": 1}, {"a": 1}, {"b": 2}]}',
+                     (400, f"every record of {RECORDS} must have the same keys"),
+                     (400, f"{RECORDS} has shape (3, 1){ROWS}")),
+    "records narrow": (b'{"dataframe_records": [{"a": 0.5}]}', (400, f"{RECORDS} has shape (1, 1){ROWS}"), SAME),
+    "records null": (b'{"dataframe_records": [{"a": null}]}', (400, f"{RECORDS} {NON_EMPTY}"),
+                     (400, f"{RECORDS} has shape (1, 1){ROWS}")),
+    "records nine": (json.dumps({"dataframe_records": [{"a": 1}] * 9}).encode(),
+                     (400, f"{RECORDS} has shape (9, 1){ROWS}"), TOO_MANY),
+    "duplicate inputs": (b'{"inputs": [1], "inputs": [[0.5]]}', (400, f"'inputs' has shape (1, 1){SHAPE}"),
+                         (400, "the key 'inputs' appears more than once")),
+}  # fmt: skip
+
+
+def padded(body: bytes) -> bytes:
+    """The same JSON, over the fast-path size (whitespace before its last character)."""
+    return body[:-1] + PAD + body[-1:] if body[:1] in (b"{", b"[") else body + PAD
+
+
+@pytest.mark.parametrize("name", REFUSALS)
+def test_each_refusal_says_what_is_wrong_on_either_path(name: str) -> None:
+    body, small, large = REFUSALS[name]
+    for sent, expected in ((body, small), (padded(body), small if large is SAME else large)):
+        with pytest.raises(ApiError) as refused:
+            protocol.parse_body(sent, max_instances=8)
+        assert (refused.value.status_code, str(refused.value)) == expected, len(sent)
+
+
+def test_dataframes_of_one_image_a_row_are_those_images() -> None:
+    rows = IMAGES.reshape(2, -1)
+    split = numpy_json({"dataframe_split": {"columns": [str(i) for i in range(rows.shape[1])], "data": rows}})
+    records = orjson.dumps({"dataframe_records": [{str(i): float(v) for i, v in enumerate(row)} for row in rows]})
+    for body in (split, numpy_json({"dataframe_split": {"data": rows}}), records):
+        array = protocol.parse_body(body, max_instances=8)
+        assert array.dtype == np.float32 and array.flags.c_contiguous
+        np.testing.assert_array_equal(array, IMAGES)
+    small = protocol.parse_body(b'{"inputs": ' + json.dumps([IMAGE_JSON]).encode() + b"}", max_instances=1)
+    assert small.shape == (1, 224, 224, 3) and small.dtype == np.float32 and small.flags.c_contiguous
+
+
+@pytest.mark.parametrize(
+    ("content_type", "refusal"),
+    [
+        ("application/json", None),
+        ("Application/JSON", None),
+        ("application/json; charset=utf-8", None),
+        ('application/json;charset="UTF8"', None),
+        (None, "Content-Type must be application/json"),
+        ("", "Content-Type must be application/json"),
+        ("text/plain", "Content-Type must be application/json, not 'text/plain'"),
+        ("application/json; boundary=x", "unsupported Content-Type parameter 'boundary'"),
+        ("application/json; charset=latin-1", "the scoring server only supports UTF-8"),
+        ("x" * 300, f"Content-Type must be application/json, not {'x' * 100!r}"),
+    ],
+)
+def test_content_type(content_type: str | None, refusal: str | None) -> None:
+    if refusal is None:
+        protocol.check_content_type(content_type)
+        return
+    with pytest.raises(ApiError) as refused:
+        protocol.check_content_type(content_type)
+    assert (refused.value.status_code, str(refused.value)) == (415, refusal)

@@ -176,3 +176,121 @@ def test_the_out_of_domain_set_is_built_reproducibly_and_reused(tmp_path) -> Non
     assert [(tmp_path / "other" / n).read_bytes() for n in names[:40]] == blobs[:40]  # same seed, same images
     manifest = json.loads((tmp_path / "ood" / "manifest.json").read_text())
     assert manifest["version"] == oodset.VERSION
+
+
+# The arithmetic of the verdict, pinned value by value (mutmut on services/trainer/indomain.py).
+
+
+def kth_distance(bank_rows: np.ndarray, queries: np.ndarray, entries: int) -> np.ndarray:
+    """By hand: 1 - the ``entries``-th largest cosine of each query to the (unit) bank rows."""
+    unit = queries / np.linalg.norm(queries, axis=-1, keepdims=True)
+    return 1.0 - np.sort(unit @ bank_rows.T, axis=1)[:, -entries]
+
+
+def test_normalised_is_unit_length_along_the_last_axis_in_float32() -> None:
+    np.testing.assert_allclose(indomain.normalised(np.array([0.3, 0.4])), [0.6, 0.8], rtol=1e-6)
+    assert indomain.normalised(np.array([[0.3, 0.4]], np.float64)).dtype == np.float32
+    assert indomain.normalised(np.zeros((2, 3))).tolist() == [[0.0] * 3] * 2  # no division by zero
+
+
+def test_bank_entries_for_k_views() -> None:
+    bank = indomain.Bank(np.eye(10, dtype=np.float32), represented=100)
+    assert [bank.entries_for(k) for k in (1, 10, 11, 20, 1000)] == [1, 1, 2, 2, 10]  # ceil(k / 10), within 1..10
+    assert indomain.Bank(np.eye(4, dtype=np.float32), represented=1).entries_for(1) == 4
+    assert indomain.Bank(np.eye(4, dtype=np.float32), represented=0).entries_for(1) == 4
+
+
+def test_distances_in_chunks_are_the_kth_nearest_for_every_row() -> None:
+    """More queries than two chunks of 4096: every row is computed, against the k-th nearest, in float32."""
+    rng = np.random.default_rng(7)
+    bank = indomain.bank_of(rng.normal(size=(1, 50, 6)), np.array(["a"] * 50))
+    queries = rng.normal(size=(9000, 6))
+    got = bank.distances(queries, k=3)
+    assert got.dtype == np.float32 and got.shape == (9000,)
+    np.testing.assert_allclose(got, kth_distance(bank.rows, queries, 3), atol=1e-5)
+    model = indomain.DomainModel(bank, 3, 0.5, None, 0.025, None, 10)
+    np.testing.assert_array_equal(model.distances(queries[:10]), got[:10])  # its own k, not the default
+
+
+def test_the_bank_samples_without_replacement_and_keeps_small_groups() -> None:
+    rng = np.random.default_rng(8)
+    views = rng.normal(size=(1, 1000, 6))
+    groups = np.array(["a"] * 996 + ["b"] * 4)
+    bank = indomain.bank_of(views, groups, cap=100, seed=0)
+    # a: round(100 * 996 / 1000) = 100; b: round(0.4) = 0, but every group keeps at least one
+    assert len(bank.rows) == 101 and len(np.unique(bank.rows, axis=0)) == 101
+    np.testing.assert_array_equal(bank.rows, indomain.bank_of(views, groups, cap=100).rows)  # the default seed is 0
+    assert not np.array_equal(bank.rows, indomain.bank_of(views, groups, cap=100, seed=1).rows)
+    whole = indomain.bank_of(views[:, :100], groups[:100], cap=100)
+    np.testing.assert_array_equal(whole.rows, indomain.normalised(views[0, :100]))  # at the cap: every view, in order
+
+
+def test_held_out_distances_are_each_photo_s_first_view_against_the_other_folds() -> None:
+    rng = np.random.default_rng(9)
+    views = rng.normal(size=(2, 40, 6))
+    groups = np.array(["a"] * 40)
+    got = indomain.held_out_distances(views, groups, k=2, cap=512, folds=4, seed=5)
+    assert got.dtype == np.float32
+    expected = np.empty(40)
+    for fold in np.array_split(np.random.default_rng(5).permutation(40), 4):
+        rest = np.setdiff1d(np.arange(40), fold)
+        rows = indomain.normalised(views[:, rest].reshape(-1, 6))
+        expected[fold] = kth_distance(rows, views[0, fold], 2)  # 60 views: k=2 is 2 entries
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_array_equal(
+        indomain.held_out_distances(views, groups, k=2, folds=4),
+        indomain.held_out_distances(views, groups, 2, folds=4, seed=0),
+    )
+
+
+def test_group_quantile_exactly() -> None:
+    values = np.concatenate([np.arange(100) / 100, np.arange(100) / 100 + 1.0])
+    groups = np.array(["low"] * 100 + ["high"] * 100)
+    everything = float(np.quantile(values, 0.9))
+    high = float(np.quantile(values[100:], 0.9))
+    assert indomain.group_quantile(values, groups, 0.1) == high > everything  # min_group ceil(2 / 0.1) = 20
+    # A group of exactly min_group is judged alone; one fewer is not.
+    assert indomain.group_quantile(values, groups, 0.1, min_group=100) == high
+    assert indomain.group_quantile(values, groups, 0.1, min_group=101) == everything
+    # The default min_group is ceil(2 / rate): 20 for 10 %, so a group of 20 is judged alone, one of 19 not.
+    small = np.concatenate([np.zeros(1000), np.arange(20) / 20 + 5])
+    for size, alone in ((20, True), (19, False)):
+        v, g = small[: 1000 + size], np.array(["big"] * 1000 + ["small"] * size)
+        assert (indomain.group_quantile(v, g, 0.1) > 1) is alone, size
+
+
+def test_rates() -> None:
+    assert indomain.rates(True) == (indomain.DISTANCE_RATE, indomain.NEITHER_RATE) == (0.02, 0.02)
+    assert indomain.rates(False) == (indomain.FLAG_RATE, None) == (0.025, None)
+
+
+def test_fit_with_refused_kinds_sets_every_field_from_its_parts() -> None:
+    rng = np.random.default_rng(10)
+    train, groups = rng.normal(size=(2, 60, 6)), np.array(["a"] * 40 + ["b"] * 20)
+    val = rng.normal(size=(15, 6))
+    neither = (rng.random(300), np.array(["a"] * 200 + ["b"] * 100))
+    model = indomain.fit(train, groups, val, neither, ("daisy", "rose"), k=3, cap=50, seed=4)
+    bank = indomain.bank_of(train, groups, 50, 4)
+    np.testing.assert_array_equal(model.bank.rows, bank.rows)
+    held = np.concatenate([indomain.held_out_distances(train, groups, 3, 50, seed=4), bank.distances(val, 3)])
+    assert model.threshold == float(np.quantile(held, 1 - 0.02))
+    assert model.neither_threshold == indomain.group_quantile(neither[0], neither[1], 0.02)
+    assert model.metadata() == {
+        "method": "cosine distance to the k-th nearest training view (pooled backbone features), and the "
+        "head's P(neither) where it learnt kinds of photos to refuse",
+        "k": 3,
+        "threshold": model.threshold,
+        "flag_rate": 0.02,
+        "neither_threshold": model.neither_threshold,
+        "neither_flag_rate": 0.02,
+        "refused_kinds": ["daisy", "rose"],
+        "bank_views": 50,
+        "bank_represents_views": 120,
+        "bank_entries_for_k": 2,
+        "calibration_photos": 75,
+    }
+    assert type(model.metadata()["neither_threshold"]) is float
+    assert indomain.fit(train, groups, val, None, k=3, cap=50, seed=4).metadata()["neither_threshold"] is None
+    # Flagged when either score says so.
+    flags = model.flagged(np.array([0.0, 9.0, 0.0]), np.array([0.0, 0.0, 1.0]))
+    assert flags.tolist() == [False, True, True]
