@@ -1,0 +1,249 @@
+"""The data plane's small decisions, one by one: the in-domain verdict, the activation map and its PNG, the range
+check of ``/invocations`` inputs, and how a refused or slow upload is named and timed out.
+
+The routes around them are in test_app.py; these pin the boundaries and the words (mutmut on service.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from services.api.errors import ApiError, InvalidImage, PayloadTooLarge, Timeout, UnsupportedMediaType
+from services.api.runtime import LoadedModel, Outputs
+from services.api.service import Classifier, Upload, Verdict, _check_range, _which, explanation, heatmap_png, verdict
+from shared.images import ImageLimits
+from shared.labels import LABELS
+
+
+def model(domain: float | None = 0.5, neither: float | None = None, outputs: Outputs | None = None) -> LoadedModel:
+    return LoadedModel(
+        name="m", version="1", alias="champion", run_id="r", labels=LABELS, forward=lambda x: x,
+        domain_threshold=domain, outputs=outputs, neither_threshold=neither,
+    )  # fmt: skip
+
+
+def test_no_in_domain_score_is_no_verdict() -> None:
+    assert verdict(np.array([0.2, 0.8, 9.0]), model(domain=None)) == Verdict()
+    assert verdict(np.array([0.2, 0.8]), model()) == Verdict()  # the row has no distance column
+
+
+def test_the_distance_verdict_is_strictly_above_the_threshold() -> None:
+    m = model(domain=0.5)  # the column right after the probabilities
+    assert verdict(np.array([0.2, 0.8, 0.5]), m) == Verdict(0.5, None, True)
+    assert verdict(np.array([0.2, 0.8, 0.51]), m) == Verdict(0.51, None, False, "unlike_training_photos")
+    assert type(verdict(np.array([0.2, 0.8, 0.5], np.float32), m).distance) is float
+
+
+def test_p_neither_refuses_first_and_strictly_above_its_threshold() -> None:
+    m = model(domain=0.5, neither=0.6, outputs=Outputs(distance=2, neither=3))
+    assert verdict(np.array([0.2, 0.8, 0.1, 0.6]), m) == Verdict(0.1, 0.6, True)
+    assert verdict(np.array([0.2, 0.8, 0.1, 0.61]), m) == Verdict(0.1, 0.61, False, "looks_like_refused_kind")
+    # Both say "no": the refused kind is the more useful reason.
+    assert verdict(np.array([0.2, 0.8, 0.9, 0.9]), m).reason == "looks_like_refused_kind"
+    # A row without the P(neither) column, or a model without its threshold: the distance alone decides.
+    assert verdict(np.array([0.2, 0.8, 0.1]), m) == Verdict(0.1, None, True)
+    no_threshold = model(domain=0.5, outputs=Outputs(distance=2, neither=3))
+    assert verdict(np.array([0.2, 0.8, 0.1, 0.99]), no_threshold) == Verdict(0.1, 0.99, True)
+    no_column = model(domain=0.5, neither=0.6, outputs=Outputs(distance=2))
+    assert verdict(np.array([0.2, 0.8, 0.1, 0.99]), no_column) == Verdict(0.1, None, True)
+
+
+def test_the_activation_map_is_the_answer_s_side_of_it() -> None:
+    m = model(outputs=Outputs(distance=2, explain=3, grid=2))
+    row = np.array([0.9, 0.1, 0.2, 0.123456, -0.5, 0.0, 1.0])
+    for_dandelion = explanation(row, m, "dandelion")
+    assert for_dandelion["for"] == "dandelion" and for_dandelion["grid"] == [2, 2]
+    assert for_dandelion["evidence"] == [[0.1235, -0.5], [0.0, 1.0]]
+    assert for_dandelion["png"].startswith("data:image/png;base64,")
+    assert explanation(row, m, "grass")["evidence"] == [[-0.1235, 0.5], [-0.0, -1.0]]  # dandelion minus grass
+    assert explanation(row, model(outputs=Outputs(distance=2, explain=3, grid=0)), "grass") is None
+    assert explanation(row, model(outputs=Outputs(distance=2, grid=2)), "grass") is None
+    assert explanation(row, model(outputs=None), "grass") is None
+
+
+def png_pixels(url: str) -> np.ndarray:
+    image = Image.open(io.BytesIO(base64.b64decode(url.removeprefix("data:image/png;base64,"), validate=True)))
+    assert image.format == "PNG" and image.mode == "RGBA"
+    return np.asarray(image)
+
+
+def test_the_heatmap_is_orange_and_as_opaque_as_the_positive_evidence() -> None:
+    pixels = png_pixels(heatmap_png(np.array([[2.0, 1.0], [-3.0, 0.0]])))
+    assert pixels.shape == (2, 2, 4)
+    assert (pixels[..., :3] == [255, 120, 0]).all()
+    assert pixels[..., 3].tolist() == [[200, 100], [0, 0]]  # strongest 200 of 255; negatives clear
+    assert png_pixels(heatmap_png(np.array([[-1.0, 0.0]])))[..., 3].tolist() == [[0, 0]]  # nothing argued for it
+    assert png_pixels(heatmap_png(np.array([[0.5, 0.25]])))[..., 3].tolist() == [[200, 100]]  # relative to the top
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "refusal"),
+    [
+        (0.0, 1.0, None),
+        (-0.00099, 1.00099, None),  # within the tolerance of 1e-3: float rounding of x / 255
+        (-0.0011, 0.5, "this input has values from -0.0011 to 0.5"),
+        (0.0, 1.0011, "this input has values from 0 to 1.0011: divide 0-255 pixel values by 255"),
+        (0.0, 255.0, "this input has values from 0 to 255: divide 0-255 pixel values by 255"),
+        (0.0, 256.0, "this input has values from 0 to 256"),
+        (-1.0, 200.0, "this input has values from -1 to 200"),
+        (0.0, np.nan, "this input holds values that are not finite numbers"),
+        (-np.inf, 0.5, "this input holds values that are not finite numbers"),
+    ],
+)
+def test_inputs_must_be_pixel_values_in_the_unit_range(low: float, high: float, refusal: str | None) -> None:
+    x = np.full((1, 4, 4, 3), 0.5, np.float32)
+    x[0, 0, 0, 0], x[0, 1, 1, 1] = low, high
+    if refusal is None:
+        _check_range(x)
+        return
+    with pytest.raises(ApiError) as refused:
+        _check_range(x)
+    assert refused.value.status_code == 400
+    assert str(refused.value) == f"inputs must be pixel values in [0, 1]; {refusal}"
+
+
+def test_an_upload_is_named_by_its_place_and_its_file_name() -> None:
+    assert _which(Upload(None, b""), 0) == "file 1"
+    assert _which(Upload("", b""), 1) == "file 2"
+    assert _which(Upload("a.jpg", b""), 2) == "file 3 ('a.jpg')"
+    assert _which(Upload("x" * 150, b""), 0) == f"file 1 ({'x' * 100!r})"
+
+
+def classifier(**options) -> Classifier:
+    return Classifier(None, None, ImageLimits(max_bytes=1000), max_instances=8, timeout_s=1.0, **options)
+
+
+def png(size: tuple[int, int] = (16, 16)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_refused_upload_says_which_file_and_why_with_the_api_s_limits() -> None:
+    c = classifier()
+    assert c._decode(Upload("ok.png", png()), 0).array.shape == (224, 224, 3)
+    cases = [
+        (Upload("big.png", png((200, 200)) + b"\0" * 1000), PayloadTooLarge, "file 1 ('big.png'): the file is "),
+        (
+            Upload("x.eps", b"%!PS-Adobe-3.0 EPSF-3.0\n"),
+            UnsupportedMediaType,
+            "file 1 ('x.eps'): this file's format (EPS",
+        ),
+        (Upload(None, b""), InvalidImage, "file 1: the file is empty"),
+    ]
+    for upload, error, message in cases:
+        with pytest.raises(error) as refused:
+            c._decode(upload, 0)
+        assert str(refused.value).startswith(message), str(refused.value)
+    with pytest.raises(PayloadTooLarge, match=r"the limit is 1000$"):
+        c._decode(Upload("big.png", png((200, 200)) + b"\0" * 1000), 0)
+
+
+class Trimmer:
+    threshold_bytes = 12345
+
+    def __init__(self) -> None:
+        self.noted: list[int] = []
+
+    def note(self, nbytes: int) -> None:
+        self.noted.append(nbytes)
+
+
+async def test_a_decode_waits_for_a_turn_and_gives_up_at_its_deadline() -> None:
+    trimmer = Trimmer()
+    c = classifier(decode_concurrency=1, decode_timeout_s=0.05, trimmer=trimmer)
+    await c._decode_turns.acquire()  # every turn taken
+    with pytest.raises(Timeout) as refused:
+        await c._decode_in_turn(Upload("a.png", png()), 0)
+    assert str(refused.value) == "file 1 ('a.png'): not decoded within 0.05 s (busy)"
+    c._decode_turns.release()
+
+    def slow_decode(upload: Upload, index: int):
+        time.sleep(0.5)  # ten times the deadline
+        return "decoded"
+
+    c._decode = slow_decode
+    with pytest.raises(Timeout) as refused:
+        await c._decode_in_turn(Upload(None, png()), 1)
+    assert str(refused.value) == "file 2: not decoded within 0.05 s"
+    assert c._decode_turns.locked()  # the turn is held while the thread still decodes...
+    await asyncio.wait_for(c._decode_turns.acquire(), 5.0)
+    c._decode_turns.release()
+    assert trimmer.noted == [12345]  # ...and given back once it is done, the trimmer told
+    c.decode_timeout_s = 5.0
+    assert await c._decode_in_turn(Upload(None, png()), 0) == "decoded"
+
+
+class Batcher:
+    """The batcher's seam: answers every image with the rows it is given, from ``model``."""
+
+    def __init__(self, m: LoadedModel, row: list[float]) -> None:
+        self.model, self.row = m, np.array(row, np.float32)
+
+    async def predict(self, x: np.ndarray):
+        return np.tile(self.row, (len(x), 1)), self.model
+
+
+class Log:
+    """The prediction log's seam: keeps uploads; remembers what it was told."""
+
+    stores_uploads = True
+
+    def __init__(self) -> None:
+        self.expected: list[str] = []
+        self.records: list = []
+
+    def expect(self, prediction_id: str) -> None:
+        self.expected.append(prediction_id)
+
+    def forget(self, prediction_id: str) -> None:
+        self.expected.remove(prediction_id)
+
+    def record(self, record) -> None:
+        self.records.append(record)
+
+
+class Quota:
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, int]] = []
+
+    def allow(self, client: str, size: int) -> bool:
+        self.asked.append((client, size))
+        return len(self.asked) == 1  # the first upload only
+
+
+async def test_classify_answers_records_and_keeps_uploads_within_the_quota() -> None:
+    from services.api.metrics import ApiMetrics
+
+    metrics, log, quota = ApiMetrics(), Log(), Quota()
+    m = model(domain=0.5, outputs=Outputs(distance=2))
+    c = Classifier(Batcher(m, [0.3, 0.7, 0.9]), metrics, ImageLimits(), 8, 5.0, predlog=log, keep=quota,
+                   low_confidence=0.8)  # fmt: skip
+    uploads = [Upload("a.png", png()), Upload("b.png", png((20, 20)))]
+    before = time.perf_counter()
+    answers = await c.classify(uploads, started=before - 100.0)
+    elapsed_ms = (time.perf_counter() - before) * 1000
+    await c.drain()
+    assert [a["label"] for a in answers] == ["grass", "grass"] and answers[0]["confidence"] == pytest.approx(0.7)
+    assert answers[0]["low_confidence"] is True  # 0.7 < the API's 0.8 (the model has no point of its own)
+    assert answers[0]["in_domain"] is False and answers[0]["out_of_domain_reason"] == "unlike_training_photos"
+    assert answers[0]["probabilities"] == pytest.approx({"dandelion": 0.3, "grass": 0.7})
+    assert answers[1]["filename"] == "b.png" and "explain" not in answers[0]  # no map unless asked
+    assert quota.asked == [("unknown", len(uploads[0].data)), ("unknown", len(uploads[1].data))]
+    by_id = {r.id: r for r in log.records}
+    assert sorted(by_id) == sorted(log.expected) == sorted(a["id"] for a in answers)
+    first, second = (by_id[a["id"]] for a in answers)
+    assert (first.endpoint, first.image, first.image_format) == ("predict", uploads[0].data, "PNG")
+    assert second.image is None  # over the quota: answered, logged, not kept
+    assert 100_000 <= first.latency_ms <= 100_000 + elapsed_ms  # from the request's start
+    dropped = metrics.registry.get_sample_value("prediction_log_uploads_dropped_total", {"reason": "quota"})
+    assert dropped == 1.0
+    out = metrics.registry.get_sample_value("model_out_of_domain_total", {"version": "1"})
+    assert out == 2.0
