@@ -203,8 +203,8 @@ def test_bank_entries_for_k_views() -> None:
 def test_distances_in_chunks_are_the_kth_nearest_for_every_row() -> None:
     """More queries than two chunks of 4096: every row is computed, against the k-th nearest, in float32."""
     rng = np.random.default_rng(7)
-    bank = indomain.bank_of(rng.normal(size=(1, 50, 6)), np.array(["a"] * 50))
-    queries = rng.normal(size=(9000, 6))
+    bank = indomain.bank_of(rng.normal(size=(1, 1000, 6)), np.array(["a"] * 1000), cap=1000)  # long rows: the
+    queries = rng.normal(size=(9000, 6))  # partition leaves their tail unsorted, so only the k-th is the k-th
     got = bank.distances(queries, k=3)
     assert got.dtype == np.float32 and got.shape == (9000,)
     np.testing.assert_allclose(got, kth_distance(bank.rows, queries, 3), atol=1e-5)
@@ -241,6 +241,12 @@ def test_held_out_distances_are_each_photo_s_first_view_against_the_other_folds(
         indomain.held_out_distances(views, groups, k=2, folds=4),
         indomain.held_out_distances(views, groups, 2, folds=4, seed=0),
     )
+    # A bank over its cap is sampled with the same seed as the folds.
+    sampled = indomain.held_out_distances(views, groups, k=2, cap=20, folds=4, seed=5)
+    for fold in np.array_split(np.random.default_rng(5).permutation(40), 4):
+        rest = np.setdiff1d(np.arange(40), fold)
+        bank = indomain.bank_of(views[:, rest], groups[rest], 20, 5)
+        np.testing.assert_array_equal(sampled[fold], bank.distances(views[0, fold], 2))
 
 
 def test_group_quantile_exactly() -> None:
@@ -254,6 +260,10 @@ def test_group_quantile_exactly() -> None:
     assert indomain.group_quantile(values, groups, 0.1, min_group=101) == everything
     # The default min_group is ceil(2 / rate): 20 for 10 %, so a group of 20 is judged alone, one of 19 not.
     small = np.concatenate([np.zeros(1000), np.arange(20) / 20 + 5])
+    # Each group is judged by its own values (with three groups, not by the others').
+    three = np.concatenate([np.arange(100) / 100, np.arange(100) / 100 + 1.0, np.arange(100) / 100 + 2.0])
+    by = np.array(["a"] * 100 + ["b"] * 100 + ["c"] * 100)
+    assert indomain.group_quantile(three, by, 0.1) == float(np.quantile(three[200:], 0.9))
     for size, alone in ((20, True), (19, False)):
         v, g = small[: 1000 + size], np.array(["big"] * 1000 + ["small"] * size)
         assert (indomain.group_quantile(v, g, 0.1) > 1) is alone, size
@@ -291,6 +301,11 @@ def test_fit_with_refused_kinds_sets_every_field_from_its_parts() -> None:
     }
     assert type(model.metadata()["neither_threshold"]) is float
     assert indomain.fit(train, groups, val, None, k=3, cap=50, seed=4).metadata()["neither_threshold"] is None
-    # Flagged when either score says so.
+    # Flagged when either score says so, strictly above its threshold.
     flags = model.flagged(np.array([0.0, 9.0, 0.0]), np.array([0.0, 0.0, 1.0]))
     assert flags.tolist() == [False, True, True]
+    at = model.flagged(np.array([model.threshold]), np.array([model.neither_threshold]))
+    assert at.tolist() == [False]
+    without = indomain.fit(train, groups, val, None, k=3, cap=50)
+    assert without.flagged(np.array([0.0]), np.array([1.0])).tolist() == [False]  # no P(neither) threshold
+    np.testing.assert_array_equal(without.bank.rows, indomain.bank_of(train, groups, 50, 0).rows)  # seed 0
