@@ -57,7 +57,7 @@ def test_p_neither_refuses_first_and_strictly_above_its_threshold() -> None:
 
 def test_the_activation_map_is_the_answer_s_side_of_it() -> None:
     m = model(outputs=Outputs(distance=2, explain=3, grid=2))
-    row = np.array([0.9, 0.1, 0.2, 0.123456, -0.5, 0.0, 1.0])
+    row = np.array([0.9, 0.1, 0.2, 0.123456, -0.5, 0.0, 1.0], np.float32)  # as a forward pass returns it
     for_dandelion = explanation(row, m, "dandelion")
     assert for_dandelion["for"] == "dandelion" and for_dandelion["grid"] == [2, 2]
     assert for_dandelion["evidence"] == [[0.1235, -0.5], [0.0, 1.0]]
@@ -247,3 +247,61 @@ async def test_classify_answers_records_and_keeps_uploads_within_the_quota() -> 
     assert dropped == 1.0
     out = metrics.registry.get_sample_value("model_out_of_domain_total", {"version": "1"})
     assert out == 2.0
+
+
+async def test_the_answer_follows_the_model_s_own_class_order_and_its_not_sure_point() -> None:
+    """A model whose columns are (grass, dandelion) is answered in its order, not in the default one; 0.75 at a
+    "not sure" point of 0.75 is sure (strictly below is not)."""
+    from dataclasses import replace
+
+    from services.api.metrics import ApiMetrics
+
+    metrics, log = ApiMetrics(), Log()
+    log.stores_uploads = False
+    inverted = replace(model(domain=None), labels=("grass", "dandelion"))
+    c = Classifier(Batcher(inverted, [0.25, 0.75]), metrics, ImageLimits(), 8, 5.0, predlog=log, low_confidence=0.75)
+    (answer,) = await c.classify([Upload("a.png", png())])  # no start given: timed from here
+    await c.drain()
+    assert (answer["label"], answer["confidence"], answer["low_confidence"]) == ("dandelion", 0.75, False)
+    assert answer["in_domain"] is None and answer["probabilities"] == {"grass": 0.25, "dandelion": 0.75}
+    assert log.records[0].image is None and 0 <= log.records[0].latency_ms < 60_000  # not kept: the log says so
+    assert metrics.registry.get_sample_value("model_out_of_domain_total", {"version": "1"}) is None  # no score
+    await c.invocations(b'{"inputs": ' + str(np.full((1, 224, 224, 3), 0.5).tolist()).encode() + b"}")
+    await c.drain()
+    assert (log.records[-1].endpoint, log.records[-1].label) == ("invocations", "dandelion")
+
+
+async def test_invocations_answers_in_mlflow_s_shape_and_records_each_input() -> None:
+    import orjson
+
+    from services.api.metrics import ApiMetrics
+
+    metrics, log = ApiMetrics(), Log()
+    m = model(domain=0.5, outputs=Outputs(distance=2))
+    c = Classifier(Batcher(m, [0.8, 0.2, 0.7]), metrics, ImageLimits(), 8, 5.0, predlog=log)
+    body = orjson.dumps({"inputs": np.full((2, 224, 224, 3), 0.5, np.float32)}, option=orjson.OPT_SERIALIZE_NUMPY)
+    before = time.perf_counter()
+    out, answered, ids, flags = await c.invocations(body, started=before - 100.0)
+    elapsed_ms = (time.perf_counter() - before) * 1000
+    await c.drain()
+    assert orjson.loads(out) == {"predictions": [[pytest.approx(0.8), pytest.approx(0.2)]] * 2}
+    assert answered is m and flags == [False, False] and len(set(ids)) == 2
+    assert [r.id for r in log.records] == ids and sorted(log.expected) == sorted(ids)
+    record = log.records[0]
+    assert (record.endpoint, record.model_name, record.model_version, record.label) == (
+        "invocations",
+        "m",
+        "1",
+        "dandelion",
+    )
+    assert record.confidence == pytest.approx(0.8) and record.image is None and record.image_format is None
+    assert record.domain_distance == pytest.approx(0.7) and record.in_domain is False
+    assert record.descriptors["rgb_r_mean"] == pytest.approx(0.5, abs=1 / 255)  # the input, described
+    assert 100_000 <= record.latency_ms <= 100_000 + elapsed_ms
+    assert metrics.registry.get_sample_value("model_predictions_total", {"label": "dandelion"}) == 2.0
+    assert metrics.registry.get_sample_value("model_out_of_domain_total", {"version": "1"}) == 2.0
+    await c.invocations(body)  # no start given: timed from here
+    await c.drain()
+    assert 0 <= log.records[-1].latency_ms < 60_000
+    with pytest.raises(ApiError, match="must be a non-empty array of numbers"):  # a small body: parsed in place
+        await c.invocations(b'{"inputs": []}')
