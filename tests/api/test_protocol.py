@@ -200,6 +200,10 @@ REFUSALS = {
     "a string": (b'"x"', (400, f"{REQ}; received a JSON str"), SAME),
     "no key": (b"{}", (400, f"{REQ}; received keys: none"), SAME),
     "other keys": (b'{"a": 1, "b": 2}', (400, f"{REQ}; received keys: 'a', 'b'"), SAME),
+    "gzip": (b"\x1f\x8b\x08\x00", (415, "the body is gzip-compressed; send it as plain JSON"), SAME),
+    "nine long keys": (json.dumps({f"{i}{'k' * 50}": 0 for i in range(9)}).encode(),
+                       (400, f"{REQ}; received keys: " + ", ".join(repr(f"{i}{'k' * 50}")[:40] for i in range(8))),
+                       SAME),
     "two formats": (b'{"inputs": [1], "instances": [1]}', (400, f"{REQ}; received keys: 'inputs', 'instances'"), SAME),
     "inputs object": (b'{"inputs": {"a": 1}}',
                       (400, "'inputs' must be a list of images; this model has one unnamed input"), SAME),
@@ -307,3 +311,17 @@ def test_content_type(content_type: str | None, refusal: str | None) -> None:
     with pytest.raises(ApiError) as refused:
         protocol.check_content_type(content_type)
     assert (refused.value.status_code, str(refused.value)) == (415, refusal)
+
+
+def test_exactly_max_instances_are_accepted_on_every_path() -> None:
+    """At the limit, not over it: the fast path, the screened one (an integer beyond 2**53 leaves the fast path)
+    and the general one (records)."""
+    two = numpy_json({"inputs": IMAGES})
+    assert protocol.parse_body(two, max_instances=2).shape == (2, 224, 224, 3)
+    screened = first_number(two, b"100000000000000000")
+    assert protocol.fast_tensor(screened, 2) is None
+    assert protocol.parse_body(screened, max_instances=2).shape == (2, 224, 224, 3)
+    records = orjson.dumps({"dataframe_records": [{str(i): 0.5 for i in range(protocol.IMAGE_VALUES)}] * 2})
+    assert protocol.parse_body(records, max_instances=2).shape == (2, 224, 224, 3)
+    with pytest.raises(ApiError, match=r"^at most 1 images per request; received 2$"):
+        protocol.parse_body(records, max_instances=1)
