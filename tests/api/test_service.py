@@ -45,6 +45,8 @@ def test_p_neither_refuses_first_and_strictly_above_its_threshold() -> None:
     m = model(domain=0.5, neither=0.6, outputs=Outputs(distance=2, neither=3))
     assert verdict(np.array([0.2, 0.8, 0.1, 0.6]), m) == Verdict(0.1, 0.6, True)
     assert verdict(np.array([0.2, 0.8, 0.1, 0.61]), m) == Verdict(0.1, 0.61, False, "looks_like_refused_kind")
+    # Far from the photos but not like a refused kind: the P(neither) is still reported.
+    assert verdict(np.array([0.2, 0.8, 0.9, 0.1]), m) == Verdict(0.9, 0.1, False, "unlike_training_photos")
     # Both say "no": the refused kind is the more useful reason.
     assert verdict(np.array([0.2, 0.8, 0.9, 0.9]), m).reason == "looks_like_refused_kind"
     # A row without the P(neither) column, or a model without its threshold: the distance alone decides.
@@ -305,3 +307,48 @@ async def test_invocations_answers_in_mlflow_s_shape_and_records_each_input() ->
     assert 0 <= log.records[-1].latency_ms < 60_000
     with pytest.raises(ApiError, match="must be a non-empty array of numbers"):  # a small body: parsed in place
         await c.invocations(b'{"inputs": []}')
+
+
+async def test_inputs_that_cannot_be_described_are_answered_and_let_go(monkeypatch, caplog) -> None:
+    """Monitoring never fails a request: the answer stands, the error is logged, and the log is told to stop
+    waiting for those ids (feedback for them would wait for a row that never comes)."""
+    import orjson
+
+    from services.api import service
+    from services.api.metrics import ApiMetrics
+
+    def broken(image):
+        raise RuntimeError("no descriptors today")
+
+    monkeypatch.setattr(service, "describe_array", broken)
+    log = Log()
+    c = Classifier(Batcher(model(domain=None), [0.8, 0.2]), ApiMetrics(), ImageLimits(), 8, 5.0, predlog=log)
+    body = orjson.dumps({"inputs": np.full((2, 224, 224, 3), 0.5, np.float32)}, option=orjson.OPT_SERIALIZE_NUMPY)
+    out, _, ids, flags = await c.invocations(body)
+    assert len(ids) == 2
+    await c.drain()
+    assert orjson.loads(out)["predictions"][0] == [pytest.approx(0.8), pytest.approx(0.2)] and flags is None
+    assert log.records == [] and log.expected == []  # announced, then forgotten: both ids
+    assert "describing 2 inputs failed; they are not logged" in caplog.text
+
+
+class SlowBatcher(Batcher):
+    async def predict(self, x: np.ndarray):
+        await asyncio.sleep(1.0)
+        return await super().predict(x)
+
+
+async def test_a_model_that_is_late_or_answers_nan_is_refused_with_the_reason() -> None:
+    from services.api.metrics import ApiMetrics
+
+    x = np.full((1, 224, 224, 3), 0.5, np.float32)
+    late = Classifier(SlowBatcher(model(domain=None), [0.8, 0.2]), ApiMetrics(), ImageLimits(), 8, 0.05)
+    with pytest.raises(Timeout) as refused:
+        await late._predict(x)
+    assert str(refused.value) == "the model did not answer within 0.05 s"
+    nan = Classifier(Batcher(model(domain=None), [np.nan, 0.2]), ApiMetrics(), ImageLimits(), 8, 5.0)
+    with pytest.raises(ApiError) as refused:
+        await nan._predict(x)
+    assert (refused.value.status_code, str(refused.value)) == (
+        400, "the model's output is not a number for this input: send pixel values in [0, 1]"
+    )  # fmt: skip
