@@ -224,6 +224,8 @@ REFUSALS = {
                          (400, "'inputs' contains values that are not finite numbers"), SAME),
     "wrong shape": (b'{"inputs": [[0.5, 0.5]]}', (400, f"'inputs' has shape (1, 2){SHAPE}"), SAME),
     "image rows": (b'{"inputs": [[[0.5, 0.5, 0.5]]]}', (400, f"'inputs' has shape (1, 1, 3){SHAPE}"), SAME),
+    "a tiny image": (b'{"inputs": [[[[0.5, 0.5, 0.5]]]]}', (400, f"'inputs' has shape (1, 1, 1, 3){SHAPE}"), SAME),
+    "five dimensions": (b'{"inputs": [[[[[0.5]]]]]}', (400, f"'inputs' has shape (1, 1, 1, 1, 1){SHAPE}"), SAME),
     "an empty row": (b'{"inputs": [[[]]]}', (400, f"'inputs' {NON_EMPTY}"),
                      (400, f"'inputs' has shape (1, 1, 0){SHAPE}")),
     "nine images": (json.dumps({"inputs": [IMAGE_JSON] * 9}).encode(), TOO_MANY, SAME),
