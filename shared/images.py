@@ -214,8 +214,7 @@ def _check_geometry(width: int, height: int, limits: ImageLimits) -> None:
 def _to_rgb(img: Image.Image) -> Image.Image:
     """8-bit RGB from any Pillow mode; transparency (an alpha channel or a transparent colour) is flattened onto
     white. Called on the reduced image."""
-    keyed = "transparency" in img.info  # a palette index or, in an RGB or grey PNG, one colour (tRNS)
-    if img.mode == "RGB" and not keyed:
+    if img.mode == "RGB" and "transparency" not in img.info:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip everything above 255.
@@ -226,7 +225,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         array = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         top = 1.0 if array.max() <= 1.0 else 255.0
         img = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), mode="L")
-    if keyed and img.mode in ("P", "L", "RGB"):
+    if "transparency" in img.info and img.mode in ("P", "L", "RGB"):  # a palette index, or one colour (tRNS)
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa"):  # not La: Pillow cannot convert it at all
         rgba = img.convert("RGBA")
