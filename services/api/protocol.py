@@ -23,7 +23,7 @@ import numpy as np
 import orjson
 import simdjson
 
-from services.api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from services.api.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, refused_bare
 from shared.images import MODEL_SIZE
 
 FORMATS = ("inputs", "instances", "dataframe_split", "dataframe_records")
@@ -55,8 +55,13 @@ def parse_body(body: bytes, max_instances: int) -> np.ndarray:
 
     A body over 64 KiB never reaches orjson unless its shape is known to hold at most ``max_instances``
     images' worth of values: :func:`screen` counts, types and shapes it on simdjson's document first (in C,
-    without a Python object per value) and answers most bodies by itself.
+    without a Python object per value) and answers most bodies by itself. A refusal holds nothing of the parse
+    (no traceback): everything the parse built is freed before the error leaves.
     """
+    return refused_bare(_parse_body, body, max_instances)
+
+
+def _parse_body(body: bytes, max_instances: int) -> np.ndarray:
     if not body:
         raise BadRequest("the request body is empty")
     if body.startswith(GZIP_MAGIC):

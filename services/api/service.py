@@ -20,7 +20,7 @@ import numpy as np
 
 from services.api.batching import Batcher
 from services.api.drift import DriftMonitor
-from services.api.errors import BadRequest, InvalidImage, PayloadTooLarge, Timeout, UnsupportedMediaType
+from services.api.errors import BadRequest, InvalidImage, PayloadTooLarge, Timeout, UnsupportedMediaType, refused_bare
 from services.api.keep import UploadQuota
 from services.api.memory import IdleTrimmer
 from services.api.metrics import ApiMetrics
@@ -203,7 +203,7 @@ class Classifier:
             await asyncio.wait_for(self._decode_turns.acquire(), self.decode_timeout_s)
         except TimeoutError:
             raise Timeout(f"{_which(upload, index)}: not decoded within {self.decode_timeout_s:g} s (busy)") from None
-        work = asyncio.get_running_loop().run_in_executor(None, self._decode, upload, index)
+        work = asyncio.get_running_loop().run_in_executor(None, refused_bare, self._decode, upload, index)
         work.add_done_callback(self._decoded)
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import numpy as np
 import orjson
@@ -290,6 +291,39 @@ def test_each_refusal_says_what_is_wrong_on_either_path(name: str) -> None:
         with pytest.raises(ApiError) as refused:
             protocol.parse_body(sent, max_instances=8)
         assert (refused.value.status_code, str(refused.value)) == expected, len(sent)
+
+
+def held_by(error: BaseException) -> list[object]:
+    """The locals of every frame of the API's code that ``error`` keeps alive: its traceback's, and those of the
+    errors it replaced."""
+    held = []
+    while error is not None:
+        tb = error.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_globals["__name__"].startswith("services."):
+                held.extend(tb.tb_frame.f_locals.values())
+            tb = tb.tb_next
+        error = error.__context__ or error.__cause__
+    return held
+
+
+def strings(n: int) -> bytes:
+    """``n`` images of ``"0.5"`` strings: valid JSON of the right shape, refused only by its type (the probe's)."""
+    return orjson.dumps({"inputs": np.full((n, 224, 224, 3), "0.5").tolist()})
+
+
+@pytest.mark.parametrize("name", [*REFUSALS, "strings"])
+def test_a_refusal_holds_nothing_of_the_parse(name: str) -> None:
+    """The error a refused body raises keeps no frame of the parse alive: a 57 MiB body's simdjson document
+    and stripped copy (+378 MiB) once lived as long as the error, past the parse turn, piling up under load."""
+    body = strings(2) if name == "strings" else REFUSALS[name][0]
+    for sent in (body, padded(body)):
+        with pytest.raises(ApiError) as refused:
+            protocol.parse_body(sent, max_instances=8)
+        error = refused.value
+        assert error.__context__ is None and error.__cause__ is None, name
+        kept = [v for v in held_by(error) if v is not sent and v is not error and not isinstance(v, int | Callable)]
+        assert kept in ([], [(sent, 8), {}]), (name, [type(v).__name__ for v in kept])
 
 
 def test_dataframes_of_one_image_a_row_are_those_images() -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from services.api.errors import ApiError, InvalidImage, PayloadTooLarge, Timeout, UnsupportedMediaType
+from services.api.errors import ApiError, InvalidImage, PayloadTooLarge, Timeout, UnsupportedMediaType, refused_bare
 from services.api.runtime import LoadedModel, Outputs
 from services.api.service import Classifier, Upload, Verdict, _check_range, _which, explanation, heatmap_png, verdict
 from shared.images import ImageLimits
@@ -146,6 +146,35 @@ def test_a_refused_upload_says_which_file_and_why_with_the_api_s_limits() -> Non
         assert str(refused.value).startswith(message), str(refused.value)
     with pytest.raises(PayloadTooLarge, match=r"the limit is 1000$"):
         c._decode(Upload("big.png", png((200, 200)) + b"\0" * 1000), 0)
+
+
+async def test_a_refused_decode_holds_nothing_of_the_decode() -> None:
+    """The error a refused upload raises keeps no frame of the decode alive (its pixels, Pillow's buffers), nor
+    the image error it replaced: they are freed before the decode's turn passes to the next upload."""
+    c = classifier()
+    for upload in (Upload("big.png", png((200, 200)) + b"\0" * 1000), Upload(None, b"not an image")):
+        with pytest.raises(ApiError) as refused:
+            await c._decode_in_turn(upload, 0)
+        error = refused.value
+        assert error.__context__ is None and error.__cause__ is None
+        frames = []
+        tb = error.__traceback__
+        while tb is not None:
+            frames.append(tb.tb_frame.f_globals["__name__"])
+            tb = tb.tb_next
+        assert not any(name.startswith("shared.") for name in frames), frames
+
+
+def test_only_refusals_lose_their_traceback() -> None:
+    """A bug is not a refusal: its traceback stays, for the log."""
+
+    def broken(x: int) -> int:
+        return 1 // x
+
+    with pytest.raises(ZeroDivisionError) as failed:
+        refused_bare(broken, 0)
+    assert failed.traceback[-1].name == "broken"
+    assert refused_bare(broken, x=1) == 1
 
 
 class Trimmer:

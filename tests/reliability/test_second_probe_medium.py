@@ -203,7 +203,7 @@ def invoke(api: Api, body: bytes) -> httpx.Response:
 def test_57_mib_of_strings_is_refused_without_growing_the_process(fake_api: Api) -> None:
     """Four clients at once send 57 MiB of ``"0.5"`` strings shaped as 62 images: each gets 400 saying the
     values must be numbers (or 503 when big bodies fill their share of API_BODY_BUFFER_BYTES), and the process
-    grows by a fraction of what orjson built (465 -> 2,607 MiB)."""
+    grows by a fraction of what orjson built (465 -> 2,607 MiB): the bodies the budget admits and one parse."""
     body = json_images(62, b'"0.5"')
     assert 56 * MIB < len(body) < 64 * MIB
     start = reset_peak(fake_api.pid)
