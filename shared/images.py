@@ -220,7 +220,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         # 16/32-bit greyscale: scale to 8 bits instead of letting convert() clip everything above 255.
         array = np.asarray(img, dtype=np.float32)
         top = 65535.0 if img.mode.startswith("I;16") or array.max() > 255 else 255.0
+        key = img.info.get("transparency")  # a 16-bit PNG's transparent grey level (tRNS), lost by the scaling
         img = Image.fromarray(np.clip(array * (255.0 / top), 0, 255).astype(np.uint8), mode="L")
+        if isinstance(key, int):
+            img.putalpha(Image.fromarray(np.where(array == key, 0, 255).astype(np.uint8), mode="L"))
     elif img.mode == "F":
         array = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         top = 1.0 if array.max() <= 1.0 else 255.0

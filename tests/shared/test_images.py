@@ -534,13 +534,15 @@ def test_only_sides_of_twice_the_reducing_size_are_box_reduced(size: tuple[int, 
     assert decoded.image.size == reduced and (decoded.width, decoded.height) == size
 
 
-@pytest.mark.parametrize("mode", ["RGB", "L"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
 @pytest.mark.parametrize("size", [(40, 20), (1400, 700)])
 def test_a_transparent_colour_is_flattened_onto_white_too(mode: str, size: tuple[int, int]) -> None:
-    """An RGB or grey PNG may name one colour transparent (tRNS) instead of carrying alpha: it is flattened onto
-    white like alpha is (it used to show as its colour, black here: found by mutmut on _to_rgb)."""
+    """An RGB or grey PNG (8 or 16 bits) may name one colour transparent (tRNS) instead of carrying alpha: it is
+    flattened onto white like alpha is (it used to show as its colour, black here: found by mutmut on _to_rgb;
+    a 16-bit grey key was lost when the levels were scaled to 8 bits)."""
     key = (0, 0, 0) if mode == "RGB" else 0
-    img = Image.new(mode, size, (200, 10, 10) if mode == "RGB" else 90)
+    other = {"RGB": (200, 10, 10), "L": 90, "I;16": 90 * 257}[mode]
+    img = Image.new(mode, size, other)
     img.paste(key, (0, 0, size[0] // 2, size[1]))
     rgb = np.asarray(images.decode(encode(img, "PNG", transparency=key)).image)
     assert rgb[5, 5].tolist() == [255, 255, 255]
