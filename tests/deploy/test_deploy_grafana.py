@@ -53,6 +53,7 @@ CONTRACT_METRICS = {
     "model_feedback_total",
     "model_live_accuracy",
     "model_live_accuracy_samples",
+    "model_live_domain_feedback",
     "prediction_log_written_total",
     "prediction_log_dropped_total",
     "prediction_log_uploads_dropped_total",
@@ -192,6 +193,7 @@ def test_required_panels(dashboard: dict[str, Any]) -> None:
         "Out-of-domain share": "model_out_of_domain_share",
         "Out-of-domain inputs by version": "model_out_of_domain_total",
         "Live accuracy (feedback)": "model_live_accuracy",
+        "Feedback on the in-domain verdict": "model_live_domain_feedback",
         "Prediction log: written / dropped": "prediction_log_dropped_total",
     }
     for title, needle in required.items():
